@@ -1,0 +1,18 @@
+"""involution: fast, memory-light involution for PyTorch (Li et al., CVPR 2021)."""
+
+from . import functional
+from .functional import involution1d, involution2d, involution3d
+from .nn import Involution, Involution1d, Involution2d, Involution3d, convert_official_state_dict
+
+__all__ = [
+    "Involution",
+    "Involution1d",
+    "Involution2d",
+    "Involution3d",
+    "convert_official_state_dict",
+    "functional",
+    "involution1d",
+    "involution2d",
+    "involution3d",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ``involution`` command line: one module per subcommand, wired by ``__main__``."""

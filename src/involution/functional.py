@@ -1,0 +1,217 @@
+"""Functional involution (Li et al., "Involution: Inverting the Inherence of Convolution for
+Visual Recognition", CVPR 2021, arXiv 2103.06255).
+
+For an input ``x`` of shape (B, C, *spatial) and a per-pixel kernel ``w`` of shape
+(B, G, K^n, *out), with channel ``c`` in group ``g(c) = c // (C // G)``::
+
+    out[b, c, i] = sum_t w[b, g(c), t, i] * x[b, c, i * stride - padding + offset_t * dilation]
+
+where ``t`` runs over the K^n kernel taps and ``x`` is zero outside its bounds. These functions
+check their arguments, choose a backend (see ``ops/dispatch.py``) and call the registered op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .ops import _library, portable, reference
+from .ops.dispatch import choose_backend
+
+__all__ = ["involution1d", "involution2d", "involution3d", "output_size", "resolve_geometry"]
+
+IntOrTuple = int | Sequence[int]
+
+
+def _ntuple(value: IntOrTuple, n: int, name: str, minimum: int) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * n
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} ({value!r}) must be an int or a tuple of {n} ints")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} ({value!r}) must be >= {minimum}")
+    return values
+
+
+def resolve_geometry(
+    n: int,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple | None = None,
+    dilation: IntOrTuple = 1,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Checks and expands the geometry arguments of an ``n``-dimensional involution.
+
+    ``padding=None`` means "same" padding ``dilation * (kernel_size - 1) // 2``, which needs an
+    odd kernel size; an even kernel size needs an explicit padding.
+
+    Returns:
+        ``(kernel_size, stride, padding, dilation)``, each a tuple of ``n`` ints.
+
+    Raises:
+        TypeError: an argument is not an int or a tuple of ``n`` ints.
+        ValueError: kernel_size, stride or dilation < 1, padding < 0, or an even kernel_size
+            with ``padding=None``.
+    """
+    ks = _ntuple(kernel_size, n, "kernel_size", 1)
+    st = _ntuple(stride, n, "stride", 1)
+    dil = _ntuple(dilation, n, "dilation", 1)
+    if padding is None:
+        if any(k % 2 == 0 for k in ks):
+            raise ValueError(
+                f"kernel_size ({kernel_size!r}) must be odd when padding is None; "
+                "give an explicit padding for even kernel sizes"
+            )
+        pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dil, strict=True))
+    else:
+        pad = _ntuple(padding, n, "padding", 0)
+    return ks, st, pad, dil
+
+
+def output_size(
+    input_size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, ...]:
+    """Spatial output size, as for a convolution with the same geometry.
+
+    Raises:
+        ValueError: the output would be empty (the input is smaller than the dilated kernel).
+    """
+    out = tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(input_size, kernel_size, stride, padding, dilation, strict=True)
+    )
+    if any(o <= 0 for o in out):
+        raise ValueError(
+            f"output size {out} must be positive: input size {tuple(input_size)} is too small for "
+            f"kernel_size {tuple(kernel_size)}, dilation {tuple(dilation)}, "
+            f"padding {tuple(padding)}"
+        )
+    return out
+
+
+def _check_tensors(
+    n: int, input: torch.Tensor, kernel: torch.Tensor, geometry: tuple[tuple[int, ...], ...]
+) -> None:
+    kernel_size = geometry[0]
+    for name, tensor, rank in (("input", input, n + 2), ("kernel", kernel, n + 3)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != rank:
+            raise ValueError(
+                f"{name} must have {rank} dimensions for involution{n}d, "
+                f"got shape {tuple(tensor.shape)}"
+            )
+    if kernel.dtype != input.dtype:
+        raise TypeError(f"kernel dtype ({kernel.dtype}) must match input dtype ({input.dtype})")
+    if kernel.device != input.device:
+        raise ValueError(
+            f"kernel device ({kernel.device}) must match input device ({input.device})"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"input dtype ({input.dtype}) must be a floating-point type")
+    batch, channels = input.shape[:2]
+    groups = kernel.shape[1]
+    expected = (
+        batch,
+        groups,
+        math.prod(kernel_size),
+        *output_size(input.shape[2:], *geometry),
+    )
+    if groups < 1 or channels % groups != 0 or tuple(kernel.shape) != expected:
+        raise ValueError(
+            f"kernel shape {tuple(kernel.shape)} does not fit input shape {tuple(input.shape)}: "
+            f"expected (batch, groups, prod(kernel_size), *output_size) = {expected} "
+            f"with groups dividing the {channels} input channels"
+        )
+
+
+def _involution(
+    n: int,
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple,
+    padding: IntOrTuple | None,
+    dilation: IntOrTuple,
+    backend: str,
+) -> torch.Tensor:
+    geometry = resolve_geometry(n, kernel_size, stride, padding, dilation)
+    _check_tensors(n, input, kernel, geometry)
+    chosen = choose_backend(input, kernel, backend)
+    if chosen == "reference":
+        return reference.involution(input, kernel, *geometry)
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        # Exported graphs carry standard operators only, so that ONNX and ExportedProgram
+        # consumers need no custom op.
+        return portable.forward(input, kernel, *geometry)
+    return _library.involution(input, kernel, *geometry, chosen)
+
+
+def involution1d(
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple | None = None,
+    dilation: IntOrTuple = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """1D involution; see :func:`involution2d`. ``input`` is (B, C, L), ``kernel`` (B, G, K, Lo)."""
+    return _involution(1, input, kernel, kernel_size, stride, padding, dilation, backend)
+
+
+def involution2d(
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple | None = None,
+    dilation: IntOrTuple = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Applies a per-pixel kernel shared by the channels of each group.
+
+    Args:
+        input: (B, C, H, W).
+        kernel: (B, G, K*K, Ho, Wo); G must divide C; tap ``u*K + v`` weighs the input pixel
+            at row offset ``u * dilation`` and column offset ``v * dilation``.
+        kernel_size: K, or (Kh, Kw).
+        stride: step between output pixels.
+        padding: zero padding on each side; ``None`` means ``dilation * (K - 1) // 2``.
+        dilation: spacing between kernel taps.
+        backend: "auto" (fastest available), or one of ``ops.dispatch.BACKENDS``.
+
+    Returns:
+        (B, C, Ho, Wo), Ho = (H + 2 * padding - dilation * (K - 1) - 1) // stride + 1.
+
+    Raises:
+        TypeError: a non-tensor, non-floating or mismatched dtype, or a malformed geometry value.
+        ValueError: wrong ranks, a kernel shape that does not fit, an empty output, devices that
+            differ, or an unknown backend.
+        RuntimeError: the named backend cannot run these tensors.
+
+    Example:
+        >>> x = torch.randn(2, 32, 9, 9)
+        >>> w = torch.randn(2, 2, 9, 9, 9)
+        >>> involution2d(x, w, kernel_size=3).shape
+        torch.Size([2, 32, 9, 9])
+    """
+    return _involution(2, input, kernel, kernel_size, stride, padding, dilation, backend)
+
+
+def involution3d(
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple | None = None,
+    dilation: IntOrTuple = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """3D involution; see :func:`involution2d`. ``kernel`` is (B, G, K^3, Do, Ho, Wo)."""
+    return _involution(3, input, kernel, kernel_size, stride, padding, dilation, backend)

@@ -1,0 +1,1 @@
+"""Involution backends and their torch.library registration."""

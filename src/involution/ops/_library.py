@@ -1,0 +1,161 @@
+"""The involution op, declared once with torch.library for every dimension and backend.
+
+Three custom ops, each with a fake (meta) implementation and a registered autograd formula:
+
+* ``involution::involution(input, kernel, ...)`` computes the output;
+* ``involution::grad_input(grad_out, kernel, ...)`` and ``involution::grad_kernel(grad_out,
+  input, ...)`` are its two partial backward passes.
+
+The op is bilinear in (input, kernel), so the backward of each gradient op is again made of these
+three ops: gradients of any order work, and ``torch.compile(fullgraph=True)`` sees opaque nodes
+with known shapes instead of a graph break. The ``backend`` argument names the implementation
+(see ``dispatch.py``) that runs on the tensors' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .dispatch import implementation
+
+
+@torch.library.custom_op("involution::involution", mutates_args=())
+def involution(
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> torch.Tensor:
+    return implementation(backend).forward(
+        input.contiguous(), kernel.contiguous(), kernel_size, stride, padding, dilation
+    )
+
+
+@involution.register_fake
+def _(input, kernel, kernel_size, stride, padding, dilation, backend):
+    return input.new_empty((input.shape[0], input.shape[1], *kernel.shape[3:]))
+
+
+@torch.library.custom_op("involution::grad_input", mutates_args=())
+def grad_input(
+    grad_out: torch.Tensor,
+    kernel: torch.Tensor,
+    input_size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> torch.Tensor:
+    return implementation(backend).grad_input(
+        grad_out.contiguous(), kernel.contiguous(), input_size, kernel_size, stride, padding, dilation
+    )
+
+
+@grad_input.register_fake
+def _(grad_out, kernel, input_size, kernel_size, stride, padding, dilation, backend):
+    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], *input_size))
+
+
+@torch.library.custom_op("involution::grad_kernel", mutates_args=())
+def grad_kernel(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    backend: str,
+) -> torch.Tensor:
+    return implementation(backend).grad_kernel(
+        grad_out.contiguous(), input.contiguous(), kernel_size, stride, padding, dilation, groups
+    )
+
+
+@grad_kernel.register_fake
+def _(grad_out, input, kernel_size, stride, padding, dilation, groups, backend):
+    num_taps = 1
+    for k in kernel_size:
+        num_taps *= k
+    return input.new_empty((input.shape[0], groups, num_taps, *grad_out.shape[2:]))
+
+
+def _geometry(ctx: Any) -> tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]:
+    return ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation
+
+
+def _save_geometry(ctx: Any, kernel_size, stride, padding, dilation, backend) -> None:
+    ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation = kernel_size, stride, padding, dilation
+    ctx.backend = backend
+
+
+# d/d(input, kernel) of <grad, involution(input, kernel)>.
+def _involution_setup(ctx, inputs, output):
+    input, kernel, kernel_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(input, kernel)
+    _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
+
+
+def _involution_backward(ctx, grad):
+    input, kernel = ctx.saved_tensors
+    geometry = _geometry(ctx)
+    gi = gk = None
+    if ctx.needs_input_grad[0]:
+        gi = grad_input(grad, kernel, input.shape[2:], *geometry, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gk = grad_kernel(grad, input, *geometry, kernel.shape[1], ctx.backend)
+    return gi, gk, None, None, None, None, None
+
+
+involution.register_autograd(_involution_backward, setup_context=_involution_setup)
+
+
+# grad_input is linear in grad_out and in kernel: its adjoints are the forward op (for grad_out)
+# and grad_kernel (for kernel).
+def _grad_input_setup(ctx, inputs, output):
+    grad_out, kernel, input_size, kernel_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(grad_out, kernel)
+    _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
+
+
+def _grad_input_backward(ctx, grad):
+    grad_out, kernel = ctx.saved_tensors
+    geometry = _geometry(ctx)
+    gg = gk = None
+    if ctx.needs_input_grad[0]:
+        gg = involution(grad, kernel, *geometry, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gk = grad_kernel(grad_out, grad, *geometry, kernel.shape[1], ctx.backend)
+    return gg, gk, None, None, None, None, None, None
+
+
+grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup)
+
+
+# grad_kernel is linear in grad_out and in input: its adjoints are the forward op (for grad_out)
+# and grad_input (for input).
+def _grad_kernel_setup(ctx, inputs, output):
+    grad_out, input, kernel_size, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(grad_out, input)
+    _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
+
+
+def _grad_kernel_backward(ctx, grad):
+    grad_out, input = ctx.saved_tensors
+    geometry = _geometry(ctx)
+    gg = gi = None
+    if ctx.needs_input_grad[0]:
+        gg = involution(input, grad, *geometry, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gi = grad_input(grad_out, grad, input.shape[2:], *geometry, ctx.backend)
+    return gg, gi, None, None, None, None, None, None
+
+
+grad_kernel.register_autograd(_grad_kernel_backward, setup_context=_grad_kernel_setup)
