@@ -153,7 +153,7 @@ def train_one_epoch(
                 logits = model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             if not all_ranks_true(bool(torch.isfinite(loss)), info):
-                raise NonFiniteLossError(epoch, step + steps, float(loss))
+                raise NonFiniteLossError(epoch, step + steps, float(loss.detach()))
             scaler.scale(loss / grad_accum).backward()
         total_loss += float(loss.detach()) * labels.shape[0]
         total_correct += int((logits.argmax(1) == labels).sum())

@@ -8,6 +8,7 @@ then the checkpoint ``last.pt`` (atomically; rank 0 only). At the end it writes 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -132,9 +133,12 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     state = capture_rng_state()
     if not info.enabled:
         return [state]
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
+    # all_gather_object cannot carry tensors between CPU processes: send serialized bytes.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blobs: list[Any] = [None] * info.world_size
+    dist.all_gather_object(blobs, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
@@ -144,6 +148,18 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
                 f"--resume {str(path)!r}: the checkpoint was trained with {key}="
                 f"{saved.get(key)!r}, this run asks for {getattr(config, key)!r}"
             )
+    ignored = ("resume", "output_dir", "data_dir", "workers", "device", "download")
+    changed = [
+        key
+        for key, value in config.as_dict().items()
+        if key in saved and not key.startswith(ignored) and saved[key] != value
+    ]
+    if changed:
+        logger.warning(
+            "--resume: %s differ from the checkpoint's run; the saved optimizer and schedule "
+            "continue as they were",
+            ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in changed),
+        )
 
 
 def fit(config: TrainConfig) -> FitResult:
