@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 MODELS = ("rednet26_cifar", "resnet26_cifar")
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the demo's results."""
     header = "| model | params | MACs (32x32) | test top-1 | train time |"
     lines = [header, "|---|---:|---:|---:|---:|"]
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = Path(args.output_dir)
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     histories = {}
     kernel_model = None
     for name in MODELS:

@@ -15,7 +15,7 @@ import os
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class CheckpointError(RuntimeError):
 
 def capture_rng_state() -> dict[str, Any]:
     """The random states of Python, NumPy and torch, in a form ``weights_only`` loads."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),

@@ -231,7 +231,7 @@ def _digits(augment: bool) -> DataSets:
         train=ArrayDataset(
             images[train_idx],
             labels[train_idx],
-            train_transform("array", 32, [mean], [std], augment),
+            train_transform("array", 32, [mean], [std], augment, flip=False),
         ),
         test=ArrayDataset(
             images[test_idx], labels[test_idx], eval_transform("array", 32, [mean], [std])

@@ -144,8 +144,12 @@ def train_one_epoch(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last_of_group = (i + 1) % grad_accum == 0 or i + 1 == n_batches
-        sync = last_of_group or not isinstance(model, DistributedDataParallel)
-        context = contextlib.nullcontext() if sync else model.no_sync()
+        # DDP all-reduces gradients on the last micro-batch of each optimizer step only.
+        context = (
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel) and not last_of_group
+            else contextlib.nullcontext()
+        )
         with context:
             with torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ _PANELS = (
 )
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,6 +53,8 @@ def plot_history(
                 if rows and key in rows[0]:
                     label = f"{run} {key}" if len(histories) > 1 else key
                     ax.plot(epochs, [row[key] for row in rows], marker=".", label=label)
+        if title == "loss":
+            ax.set_yscale("log")  # early test losses can be orders of magnitude larger
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)

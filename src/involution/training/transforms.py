@@ -57,12 +57,13 @@ def _flip(image: torch.Tensor) -> torch.Tensor:
     return image.flip(-1) if torch.rand(()) < 0.5 else image
 
 
-def pad_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def pad_crop_flip(image: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
     """Zero-pads by ``padding``, crops back to the input size at random, flips with p=0.5."""
     h, w = image.shape[-2:]
     padded = F.pad(image, (padding, padding, padding, padding))
     top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
-    return _flip(padded[..., top : top + h, left : left + w])
+    crop = padded[..., top : top + h, left : left + w]
+    return _flip(crop) if flip else crop
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -121,16 +122,22 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def train_transform(
-    kind: str, size: int, mean: Sequence[float], std: Sequence[float], augment: bool = True
+    kind: str,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool = True,
+    flip: bool = True,
 ) -> Transform:
     """The training transform of a data set kind (``"array"`` 32x32 data or ``"folder"``).
 
-    With ``augment=False`` training data goes through the evaluation transform.
+    With ``augment=False`` training data goes through the evaluation transform; ``flip=False``
+    leaves out the horizontal flip (digits, where a mirrored digit is not the same digit).
     """
     if not augment:
         return eval_transform(kind, size, mean, std)
     if kind == "array":
-        return Compose([pad_crop_flip, Normalize(mean, std)])
+        return Compose([functools.partial(pad_crop_flip, flip=flip), Normalize(mean, std)])
     return Compose([functools.partial(random_resized_crop_flip, size=size), Normalize(mean, std)])
 
 
