@@ -14,7 +14,9 @@ tracing for export) the whole tensor is one chunk, which keeps the launch count 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+
 
 import torch
 
@@ -37,6 +39,11 @@ def _chunks(rows: int, row_bytes: int, device: torch.device) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
+def _row_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of one (batch, group) row of each tensor together."""
+    return sum(math.prod(t.shape[1:]) * t.element_size() for t in tensors)
+
+
 def _group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, C, *spatial) -> (B * G, C // G, *spatial)."""
     return t.reshape(t.shape[0] * groups, t.shape[1] // groups, *t.shape[2:])
@@ -55,20 +62,20 @@ def forward(
     out_size = kernel.shape[3:]
     x = _group_view(pad_input(input, padding), groups)  # (N, Cg, *padded)
     w = kernel.reshape(batch * groups, 1, kernel.shape[2], *out_size)  # (N, 1, T, *out)
-    out = torch.empty(
-        (x.shape[0], x.shape[1], *out_size),
-        dtype=_accumulator_dtype(input.dtype),
-        device=input.device,
-    )
-    row_bytes = (x[0].numel() + out[0].numel() + w[0].numel()) * input.element_size()
-    for rows in _chunks(x.shape[0], row_bytes, input.device):
-        xc, wc, oc = x[rows], w[rows], out[rows]
+    acc = _accumulator_dtype(input.dtype)
+    # An output row is never larger than a padded input row: count it as one.
+    chunks = list(_chunks(x.shape[0], _row_bytes(x, x, w), input.device))
+    out = None if len(chunks) == 1 else x.new_empty((x.shape[0], x.shape[1], *out_size), dtype=acc)
+    for rows in chunks:
+        xc, wc = x[rows], w[rows]
+        # Out-of-place start, in-place accumulation: also traceable with autograd for export.
+        oc = torch.zeros((xc.shape[0], xc.shape[1], *out_size), dtype=acc, device=input.device)
         for t, offsets in enumerate(taps(kernel_size)):
-            view = xc[(..., *tap_slices(offsets, stride, dilation, out_size))]
-            if t == 0:
-                torch.mul(view, wc[:, :, 0], out=oc)
-            else:
-                oc.addcmul_(view, wc[:, :, t])
+            oc.addcmul_(xc[(..., *tap_slices(offsets, stride, dilation, out_size))], wc[:, :, t])
+        if out is None:
+            out = oc
+        else:
+            out[rows] = oc
     return out.reshape(batch, channels, *out_size).to(input.dtype)
 
 
@@ -92,8 +99,7 @@ def grad_input(
         dtype=_accumulator_dtype(grad_out.dtype),
         device=grad_out.device,
     )
-    row_bytes = (grad[0].numel() + g[0].numel() + w[0].numel()) * grad_out.element_size()
-    for rows in _chunks(g.shape[0], row_bytes, grad_out.device):
+    for rows in _chunks(g.shape[0], _row_bytes(grad, g, w), grad_out.device):
         gc, wc, xc = g[rows], w[rows], grad[rows]
         for t, offsets in enumerate(taps(kernel_size)):
             xc[(..., *tap_slices(offsets, stride, dilation, out_size))].addcmul_(gc, wc[:, :, t])
@@ -118,8 +124,7 @@ def grad_kernel(
     g = _group_view(grad_out, groups)
     acc = _accumulator_dtype(input.dtype)
     grad = torch.empty((x.shape[0], len(offsets_list), *out_size), dtype=acc, device=input.device)
-    row_bytes = (x[0].numel() + g[0].numel() + grad[0].numel()) * input.element_size()
-    for rows in _chunks(x.shape[0], row_bytes, input.device):
+    for rows in _chunks(x.shape[0], _row_bytes(x, g, grad), input.device):
         xc, gc, kc = x[rows], g[rows], grad[rows]
         for t, offsets in enumerate(offsets_list):
             view = xc[(..., *tap_slices(offsets, stride, dilation, out_size))]
