@@ -176,6 +176,14 @@ class RedNet(nn.Module):
         backend: involution backend.
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    fc: nn.Linear | None
+    # Set by create_model: the arguments that rebuild this model (see weights.py).
+    model_config: dict[str, Any]
+
     def __init__(
         self,
         layers: Sequence[int],
@@ -307,10 +315,12 @@ class RedNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the head by a freshly initialized ``num_classes``-way linear layer."""
         _check_positive_int("num_classes", num_classes)
-        head = self.get_classifier()
+        if self.fc is None:
+            raise RuntimeError("a features_only model has no classifier")
+        weight = self.fc.weight
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes).to(
-            device=head.weight.device, dtype=head.weight.dtype
+            device=weight.device, dtype=weight.dtype
         )
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
