@@ -239,6 +239,7 @@ def test_unknown_name_lists_close_matches() -> None:
         ({"num_classes": -3}, r"num_classes \(-3\)"),
         ({"in_chans": 0}, r"in_chans \(0\)"),
         ({"base_width": 24}, r"base_width \(24\)"),
+        ({"stem_kernel_size": 4}, r"stem_kernel_size \(4\)"),
         ({"drop_rate": 1.5}, r"drop_rate \(1.5\)"),
         ({"pretrained": True}, r"pretrained \(True\)"),
     ],

@@ -212,6 +212,12 @@ class RedNet(nn.Module):
                 f"base_width ({base_width!r}) must be a positive multiple of 16, "
                 "the involution group width"
             )
+        if (
+            not isinstance(stem_kernel_size, int)
+            or stem_kernel_size < 1
+            or stem_kernel_size % 2 == 0
+        ):
+            raise ValueError(f"stem_kernel_size ({stem_kernel_size!r}) must be a positive odd int")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride ({stem_stride!r}) must be 1 or 2")
         if not 0.0 <= drop_rate < 1.0:
@@ -303,7 +309,11 @@ class RedNet(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recomputes each block's activations in the backward pass instead of storing them."""
+        """Recomputes each block's activations in the backward pass instead of storing them.
+
+        As with any ``torch.utils.checkpoint`` use, BatchNorm running statistics are updated
+        once more by the recomputation in train mode; gradients are unchanged.
+        """
         self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
