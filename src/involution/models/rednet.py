@@ -236,7 +236,9 @@ class RedNet(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, base_width, kind, stem_kernel_size, stem_stride, backend)
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_stride == 2 else nn.Identity()
+        # The cifar variants keep full resolution: no max-pool after a stride-1 stem.
+        pool_stride = 2 if stem_stride == 2 else 1
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if pool_stride == 2 else nn.Identity()
         reduction = stem_stride
         info = [{"num_chs": base_width, "reduction": reduction, "module": "stem"}]
         in_channels = base_width
@@ -258,7 +260,7 @@ class RedNet(nn.Module):
             )
             self.add_module(f"layer{i + 1}", stage)
             in_channels = width * EXPANSION
-            reduction *= stride * (2 if i == 0 and stem_stride == 2 else 1)
+            reduction *= pool_stride if i == 0 else stride
             info.append({"num_chs": in_channels, "reduction": reduction, "module": f"layer{i + 1}"})
         self.num_features = in_channels
         self.stage_info = info
