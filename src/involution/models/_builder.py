@@ -74,7 +74,8 @@ def create_model(
         out_indices=out_indices,
         **kwargs,
     )
-    model.model_config = {
+    # nn.Module's __setattr__ is typed for tensors and modules only.
+    model.model_config = {  # type: ignore[assignment]
         "name": name,
         "num_classes": num_classes,
         "in_chans": in_chans,

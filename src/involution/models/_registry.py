@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
@@ -12,8 +13,10 @@ __all__ = ["get_model_entrypoint", "list_models", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+
+def register_model(fn: ModelFn) -> ModelFn:
     """Registers a model constructor under its function name.
 
     Raises:

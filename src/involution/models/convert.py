@@ -27,11 +27,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..nn import OFFICIAL_KEY_PREFIXES, convert_official_state_dict
 from ._builder import create_model
-from .rednet import DEPTHS, GROUP_CHANNELS
+from .rednet import DEPTHS, GROUP_CHANNELS, RedNet
 from .weights import PathLike, load_state_dict_strict
 
 __all__ = ["from_official", "load_official_checkpoint", "to_official"]
@@ -180,7 +179,7 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def load_official_checkpoint(
     checkpoint: PathLike | Mapping[str, Any], name: str | None = None
-) -> nn.Module:
+) -> RedNet:
     """Builds our RedNet from the authors' checkpoint, checking every key and shape.
 
     Args:
@@ -226,6 +225,8 @@ def load_official_checkpoint(
         features_only=config.get("features_only", False),
         **config["kwargs"],
     )
+    if not isinstance(model, RedNet):
+        raise ValueError(f"name ({name!r}) must name a RedNet, got a {type(model).__name__}")
     load_state_dict_strict(model, state_dict, source)
     logger.info("converted %s from the authors' checkpoint %s", model.model_config["name"], source)
     return model.eval()

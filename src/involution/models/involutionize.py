@@ -42,7 +42,9 @@ class InvolutionizeReport:
         return "\n".join(lines)
 
 
-def _why_not(conv: nn.Module, group_channels: int, reduction_ratio: int) -> str | None:
+def _why_not(
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, group_channels: int, reduction_ratio: int
+) -> str | None:
     """The reason this convolution cannot become an involution, or ``None`` if it can."""
     if all(k == 1 for k in conv.kernel_size):
         return "pointwise (kernel_size 1): it mixes no space"
@@ -95,7 +97,12 @@ def involutionize(
         name for name, m in model.named_modules() if isinstance(m, tuple(_REPLACEMENT.values()))
     }
     for name, conv in list(model.named_modules()):
+        if not isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            continue
         if type(conv) not in _REPLACEMENT:
+            report.skipped[name] = (
+                f"{type(conv).__name__} subclasses a convolution; its forward may differ"
+            )
             continue
         if not name:
             report.skipped[name] = "the model itself is a convolution: replace it directly"

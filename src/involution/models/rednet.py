@@ -176,6 +176,14 @@ class RedNet(nn.Module):
         backend: involution backend.
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    fc: nn.Linear | None
+    # Set by create_model: the arguments that rebuild this model (see weights.py).
+    model_config: dict[str, Any]
+
     def __init__(
         self,
         layers: Sequence[int],
@@ -204,6 +212,12 @@ class RedNet(nn.Module):
                 f"base_width ({base_width!r}) must be a positive multiple of 16, "
                 "the involution group width"
             )
+        if (
+            not isinstance(stem_kernel_size, int)
+            or stem_kernel_size < 1
+            or stem_kernel_size % 2 == 0
+        ):
+            raise ValueError(f"stem_kernel_size ({stem_kernel_size!r}) must be a positive odd int")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride ({stem_stride!r}) must be 1 or 2")
         if not 0.0 <= drop_rate < 1.0:
@@ -222,7 +236,9 @@ class RedNet(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, base_width, kind, stem_kernel_size, stem_stride, backend)
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_stride == 2 else nn.Identity()
+        # The cifar variants keep full resolution: no max-pool after a stride-1 stem.
+        pool_stride = 2 if stem_stride == 2 else 1
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if pool_stride == 2 else nn.Identity()
         reduction = stem_stride
         info = [{"num_chs": base_width, "reduction": reduction, "module": "stem"}]
         in_channels = base_width
@@ -244,7 +260,7 @@ class RedNet(nn.Module):
             )
             self.add_module(f"layer{i + 1}", stage)
             in_channels = width * EXPANSION
-            reduction *= stride * (2 if i == 0 and stem_stride == 2 else 1)
+            reduction *= pool_stride if i == 0 else stride
             info.append({"num_chs": in_channels, "reduction": reduction, "module": f"layer{i + 1}"})
         self.num_features = in_channels
         self.stage_info = info
@@ -295,7 +311,11 @@ class RedNet(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recomputes each block's activations in the backward pass instead of storing them."""
+        """Recomputes each block's activations in the backward pass instead of storing them.
+
+        As with any ``torch.utils.checkpoint`` use, BatchNorm running statistics are updated
+        once more by the recomputation in train mode; gradients are unchanged.
+        """
         self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
@@ -307,10 +327,12 @@ class RedNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the head by a freshly initialized ``num_classes``-way linear layer."""
         _check_positive_int("num_classes", num_classes)
-        head = self.get_classifier()
+        if self.fc is None:
+            raise RuntimeError("a features_only model has no classifier")
+        weight = self.fc.weight
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes).to(
-            device=head.weight.device, dtype=head.weight.dtype
+            device=weight.device, dtype=weight.dtype
         )
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
