@@ -23,15 +23,6 @@ KEYS_FILE = REFERENCE / "rednet_official_keys.tsv"
 GOLDEN_FILE = REFERENCE / "official_involution_golden.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def official_keys() -> dict[int, dict[str, tuple[int, ...]]]:
     if not KEYS_FILE.is_file():
         pytest.skip(f"reference data missing: {KEYS_FILE.name} not in ../shared/reference/")

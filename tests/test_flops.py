@@ -21,15 +21,6 @@ PAPER_GMACS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("kernel_size", "stride"), [(3, 1), (7, 2), (5, 3)])
 def test_op_formula_forward_and_backward(kernel_size: int, stride: int) -> None:
     x = torch.randn(2, 32, 13, 11, requires_grad=True)

@@ -10,15 +10,6 @@ from involution import Involution2d
 from involution.models import FPN, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", ["rednet26", "resnet26"])
 def test_fpn_on_backbone_features(name: str) -> None:
     backbone = create_model(name, features_only=True, base_width=16)

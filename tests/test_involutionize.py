@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from involution import Involution2d
 from involution.models import create_model, involutionize
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_cnn() -> nn.Sequential:

@@ -21,15 +21,6 @@ PARAMS = {
 SMALL = {"base_width": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small models run several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_input(name: str, batch: int = 2, imagenet_size: int = 64) -> torch.Tensor:
     size = 32 if name.endswith("_cifar") else imagenet_size
     return torch.randn(batch, 3, size, size)
