@@ -98,6 +98,14 @@ def test_outputs_and_eval_of_the_trained_weights(cifar_dir, full_run, capsys):
     assert result["loss"] == pytest.approx(trained["test"]["loss"], rel=1e-5)
     assert result["images_per_second"] > 0
     assert "top-1" in capsys.readouterr().out
+    # The final weights file gives the same numbers.
+    code = main(
+        ["eval", *MODEL, "--weights", str(full_run / "model.safetensors"), "--data", "cifar10",
+         "--data-dir", str(cifar_dir), "--output", str(full_run / "eval2.json")]
+    )  # fmt: skip
+    assert code == 0
+    again = json.loads((full_run / "eval2.json").read_text())
+    assert again["top1"] == result["top1"] and again["loss"] == pytest.approx(result["loss"])
 
 
 def test_corrupt_checkpoint_stops_the_resume_and_stays(cifar_dir, full_run, tmp_path, caplog):

@@ -21,7 +21,7 @@ MODELS = ("rednet26_cifar", "resnet26_cifar")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of ``involution demo`` (all optional)."""
     parser.add_argument("--output-dir", default="runs/demo", help="default: runs/demo")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per model (default 5)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per model (default 8)")
     parser.add_argument("--base-width", type=int, default=16, help="model width (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
 
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
             output_dir=str(out / name),
             model_kwargs={"base_width": args.base_width},
             epochs=args.epochs,
-            batch_size=64,
-            lr=0.2,
-            warmup_epochs=min(1.0, args.epochs / 10),
+            batch_size=32,
+            lr=0.1,
+            warmup_epochs=min(0.5, args.epochs / 10),
             seed=args.seed,
             device="cpu",
             tensorboard=False,

@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
             from involution.models import load_weights
 
             model = load_weights(str(weights))
+            saved_name = getattr(model, "model_config", {}).get("name", args.model)
+            if saved_name != args.model:
+                raise ValueError(
+                    f"--weights {str(weights)!r} holds a {saved_name}, not --model {args.model}"
+                )
         else:
             state = load_checkpoint(weights)
             saved = state["config"]
