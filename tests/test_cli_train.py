@@ -163,3 +163,30 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cifar_dir,
     assert "at epoch 2, optimizer step" in run.stderr and "training stopped" in run.stderr
     assert f"the last good checkpoint is {out / 'last.pt'}" in run.stderr
     assert (out / "last.pt").read_bytes() == good
+
+
+def test_folder_training_skips_and_reports_corrupt_images(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "folder", per_class=3)
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code = main(
+        ["train", *MODEL, "--data", "folder", "--data-dir", str(root), "--image-size", "32",
+         "--workers", "2", "--epochs", "1", "--batch-size", "4", "--output-dir",
+         str(tmp_path / "out"), "--no-tensorboard"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "skipped 1 unreadable image files" in out and "broken.png" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["skipped_files"] == [str(root / "train" / "dog" / "broken.png")]
+
+
+def test_bf16_autocast_and_channels_last_train(cifar_dir, tmp_path):
+    code = main(
+        ["train", *MODEL, "--data", "cifar10", "--data-dir", str(cifar_dir), "--epochs", "1",
+         "--batch-size", "16", "--amp", "bf16", "--channels-last", "--clip-grad", "1.0",
+         "--grad-accum", "2", "--optimizer", "adamw", "--lr", "1e-3", "--device", "cpu",
+         "--output-dir", str(tmp_path), "--no-tensorboard"]
+    )  # fmt: skip
+    assert code == 0
+    row = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 < row["test"]["loss"] < 100 and row["steps"] == 2
