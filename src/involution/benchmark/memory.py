@@ -34,7 +34,7 @@ def _cpu_peak(fn: Callable[[], object]) -> int:
     # A stable sort keeps the recorded order of events that share a timestamp.
     events.sort(key=lambda e: e[0])
     live = itertools.accumulate(nbytes for _, nbytes in events)
-    return max(0, *live)
+    return max(0, max(live, default=0))
 
 
 def _cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
