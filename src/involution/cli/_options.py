@@ -132,3 +132,11 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         pretrained = None if args.weights is None else str(args.weights)
         model = create_model(args.model, pretrained=pretrained, **kwargs)
     return model.eval()
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels of the images ``model`` takes: those of its first 2D convolution."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError(f"model {type(model).__name__} has no Conv2d to take images")
+    return first.in_channels
