@@ -37,7 +37,12 @@ def make_inputs(
     out = output_size(size, *geometry)
     x = torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64).to(dtype)
     w = torch.randn(batch, groups, math.prod(geometry[0]), *out, generator=gen, dtype=torch.float64)
-    kwargs = {"kernel_size": kernel_size, "stride": stride, "padding": padding, "dilation": dilation}
+    kwargs = {
+        "kernel_size": kernel_size,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+    }
     return x, w.to(dtype), kwargs
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close_for, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from involution import functional
 from involution.ops import _library
 from involution.ops.dispatch import BACKENDS
+
+from conftest import TOLERANCES, assert_close_for, make_inputs
 
 FUNCS = {1: functional.involution1d, 2: functional.involution2d, 3: functional.involution3d}
 FAST_BACKENDS = [b for b in BACKENDS if b != "reference" and b != "triton"]

@@ -34,7 +34,9 @@ def can_run_reference(input: torch.Tensor, kernel: torch.Tensor, raise_error: bo
 def can_run_torch(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
     """The portable backend runs on every device and floating dtype."""
     if not input.is_floating_point():
-        return _refuse(f"torch: input dtype {input.dtype} is not a floating-point type", raise_error)
+        return _refuse(
+            f"torch: input dtype {input.dtype} is not a floating-point type", raise_error
+        )
     return True
 
 

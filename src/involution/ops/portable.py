@@ -7,9 +7,10 @@ output. The backward passes do the same in reverse: the input gradient scatters
 ``grad_out * strided view`` over the channels of each group. Extra memory is one padded copy of
 the input (or its gradient) plus one output-sized temporary.
 
-On the CPU the work is split into chunks of (batch, group) rows small enough to stay in cache, so
-that the K^n passes over each chunk run at cache speed rather than memory speed. Elsewhere (GPU,
-tracing for export) the whole tensor is one chunk, which keeps the launch count at K^n.
+On the CPU the work is split into chunks of (batch, group) rows small enough to stay in the
+last-level cache, so that the K^n passes over each chunk run at cache speed rather than memory
+speed, yet large enough that per-op overhead stays small. Elsewhere (GPU, tracing for export) the
+whole tensor is one chunk, which keeps the launch count at K^n.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
-
 import torch
 
-from .reference import pad_input, tap_slices, taps
+from .reference import pad_input, tap_index, taps
 
-# Bytes of input, output and kernel per chunk on the CPU: about half of a typical L2 cache.
-_CPU_CHUNK_BYTES = 1 << 20
+# Bytes of the tensors one chunk touches on the CPU. A sweep over 1, 4, 16 and 64 MiB at RedNet
+# shapes on a 2-core machine was fastest at 16 MiB (2-4x faster than 1 MiB or 64 MiB).
+_CPU_CHUNK_BYTES = 16 << 20
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,6 +50,22 @@ def _group_view(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(t.shape[0] * groups, t.shape[1] // groups, *t.shape[2:])
 
 
+def _forward_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    acc: torch.dtype,
+) -> torch.Tensor:
+    out_size = w.shape[3:]
+    # Out-of-place start, in-place accumulation: also traceable with autograd for export.
+    out = torch.zeros((x.shape[0], x.shape[1], *out_size), dtype=acc, device=x.device)
+    for t, offsets in enumerate(taps(kernel_size)):
+        out.addcmul_(x[tap_index(offsets, stride, dilation, out_size)], w[:, :, t])
+    return out
+
+
 def forward(
     input: torch.Tensor,
     kernel: torch.Tensor,
@@ -65,17 +82,12 @@ def forward(
     acc = _accumulator_dtype(input.dtype)
     # An output row is never larger than a padded input row: count it as one.
     chunks = list(_chunks(x.shape[0], _row_bytes(x, x, w), input.device))
-    out = None if len(chunks) == 1 else x.new_empty((x.shape[0], x.shape[1], *out_size), dtype=acc)
-    for rows in chunks:
-        xc, wc = x[rows], w[rows]
-        # Out-of-place start, in-place accumulation: also traceable with autograd for export.
-        oc = torch.zeros((xc.shape[0], xc.shape[1], *out_size), dtype=acc, device=input.device)
-        for t, offsets in enumerate(taps(kernel_size)):
-            oc.addcmul_(xc[(..., *tap_slices(offsets, stride, dilation, out_size))], wc[:, :, t])
-        if out is None:
-            out = oc
-        else:
-            out[rows] = oc
+    if len(chunks) == 1:
+        out = _forward_rows(x, w, kernel_size, stride, dilation, acc)
+    else:
+        out = x.new_empty((x.shape[0], x.shape[1], *out_size), dtype=acc)
+        for rows in chunks:
+            out[rows] = _forward_rows(x[rows], w[rows], kernel_size, stride, dilation, acc)
     return out.reshape(batch, channels, *out_size).to(input.dtype)
 
 
@@ -102,9 +114,9 @@ def grad_input(
     for rows in _chunks(g.shape[0], _row_bytes(grad, g, w), grad_out.device):
         gc, wc, xc = g[rows], w[rows], grad[rows]
         for t, offsets in enumerate(taps(kernel_size)):
-            xc[(..., *tap_slices(offsets, stride, dilation, out_size))].addcmul_(gc, wc[:, :, t])
-    inner = tuple(slice(p, p + n) for p, n in zip(padding, input_size, strict=True))
-    grad = grad.reshape(batch, channels, *padded_size)[(..., *inner)]
+            xc[tap_index(offsets, stride, dilation, out_size)].addcmul_(gc, wc[:, :, t])
+    inner = [slice(p, p + n) for p, n in zip(padding, input_size, strict=True)]
+    grad = grad.reshape(batch, channels, *padded_size)[(slice(None), slice(None), *inner)]
     return grad.to(grad_out.dtype).contiguous()
 
 
@@ -127,6 +139,6 @@ def grad_kernel(
     for rows in _chunks(x.shape[0], _row_bytes(x, g, grad), input.device):
         xc, gc, kc = x[rows], g[rows], grad[rows]
         for t, offsets in enumerate(offsets_list):
-            view = xc[(..., *tap_slices(offsets, stride, dilation, out_size))]
+            view = xc[tap_index(offsets, stride, dilation, out_size)]
             kc[:, t] = torch.sum(view.to(acc) * gc, dim=1)
     return grad.reshape(batch, groups, len(offsets_list), *out_size).to(input.dtype)
