@@ -112,21 +112,34 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_model(args: argparse.Namespace) -> nn.Module:
     """The model named by ``--model``/``--weights``/``--model-arg``, in eval mode.
 
+    A weights file saved with its model config (``involution.models.save_weights``) rebuilds
+    its own model (classes, width), unless ``--model-arg`` asks for other builder arguments;
+    ``--model`` must then name the same model. Other weights files load into ``--model``.
+
     Raises:
-        ValueError: neither --model nor --weights, or an unknown model name.
+        ValueError: neither --model nor --weights, an unknown model name, or weights that do
+            not match the model.
         FileNotFoundError: a missing weights file.
-        RuntimeError: weights that do not match the model.
     """
     from involution.models import create_model, load_weights
+    from involution.models.weights import read_weights
 
     kwargs = parse_model_args(args.model_arg)
+    if args.model is None and args.weights is None:
+        raise ValueError("give --model NAME, or --weights PATH of a saved model")
     if args.weights is not None and not args.weights.is_file():
         raise FileNotFoundError(f"--weights ({args.weights}) is not a file")
+    config = None if args.weights is None else read_weights(args.weights)[1]
     if args.model is None:
-        if args.weights is None:
-            raise ValueError("give --model NAME, or --weights PATH of a saved model")
         if kwargs:
-            raise ValueError(f"--model-arg ({args.model_arg}) needs --model")
+            raise ValueError(f"--model-arg ({' '.join(args.model_arg)}) needs --model")
+        model = load_weights(args.weights)
+    elif config is not None and not kwargs:
+        if config["name"] != args.model:
+            raise ValueError(
+                f"--weights ({args.weights}) holds a {config['name']} model, not "
+                f"--model {args.model}"
+            )
         model = load_weights(args.weights)
     else:
         pretrained = None if args.weights is None else str(args.weights)
