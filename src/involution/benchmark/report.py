@@ -112,10 +112,12 @@ def bar_chart(
     panel: str | None = None,
     title: str = "",
     log: bool = False,
+    ylabel: str | None = None,
 ) -> Path:
     """Writes a PNG bar chart of ``row[value]``: one bar group per ``category``, one bar per
     ``series`` within a group, one panel per distinct ``panel`` value; ``log`` gives a
-    logarithmic value axis, for values that span orders of magnitude.
+    logarithmic value axis, for values that span orders of magnitude; ``ylabel`` names the
+    value axis (default: ``value``).
 
     Raises:
         ImportError: matplotlib is not installed (it comes with the ``demo`` extra).
@@ -151,7 +153,7 @@ def bar_chart(
             positions = [c + (i - (len(names) - 1) / 2) * width for c in range(len(categories))]
             ax.bar(positions, heights, width, label=None if name is None else str(name))
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])
-        ax.set_ylabel(value)
+        ax.set_ylabel(ylabel or value)
         if log:
             ax.set_yscale("log")
         ax.set_title(" ".join(str(t) for t in (title, panel_value) if t))

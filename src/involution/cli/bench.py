@@ -234,7 +234,13 @@ def _run_model(args: argparse.Namespace, device: torch.device) -> tuple[list, di
         for row in rows
         for mode in args.modes
     ]
-    chart = {"rows": long, "value": "value", "category": "model", "panel": "metric"}
+    chart = {
+        "rows": long,
+        "value": "value",
+        "category": "model",
+        "panel": "metric",
+        "ylabel": "images/s",
+    }
     return rows, metadata, chart
 
 
