@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         layers = involution_layers(model)
         if args.list_layers:
             for name, layer in layers.items():
-                print(f"{name}: {layer!r}")
+                print(f"{name}: {type(layer).__name__}({layer.extra_repr()})")
             return 0
         if not layers:
             raise ValueError(f"the model ({type(model).__name__}) has no involution layer")
