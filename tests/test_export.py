@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from involution import Involution2d
+from involution.cli.__main__ import main
 from involution.export import (
     export_onnx,
     export_program,
@@ -104,3 +105,81 @@ def test_export_rejects_non_image_example(net, tmp_path):
         export_program(net, tmp_path / "x.pt2", torch.randn(2, 3, 32))
     with pytest.raises(ValueError, match="at least one"):
         program_max_abs_diff(tmp_path / "x.pt2", net, [])
+
+
+# The command line, on a tiny registered model (a zoo model takes minutes to export to ONNX).
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> str:
+    from tiny_model import register_tiny_model
+
+    return register_tiny_model(monkeypatch)
+
+
+def _reported_diff(stdout: str) -> float:
+    line = next(line for line in stdout.splitlines() if line.startswith("max abs diff"))
+    return float(line.rsplit(":", 1)[1])
+
+
+def test_cli_export_onnx(tiny, tmp_path, capsys):
+    path = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", tiny, "--image-size", "32", "--output", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime" in out and "2x3x32x32, 3x3x40x36" in out
+    assert 0 <= _reported_diff(out) <= 1e-4
+    assert nonstandard_onnx_domains(path) == set()
+
+
+def test_cli_export_program_from_a_weights_file(tiny, tmp_path, capsys):
+    from involution.models import create_model, save_weights
+
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(create_model(tiny, num_classes=5), weights)
+    path = tmp_path / "tiny.pt2"
+    argv = ["export", "--weights", str(weights), "--format", "exported-program"]
+    assert main([*argv, "--image-size", "24", "--output", str(path)]) == 0
+    assert _reported_diff(capsys.readouterr().out) <= 1e-5
+    program = torch.export.load(path).module()
+    assert program(torch.randn(1, 3, 29, 31)).shape == (1, 5)
+
+
+def test_cli_export_fails_above_atol(tiny, tmp_path, monkeypatch, capsys):
+    from involution.cli import export as export_cli
+
+    monkeypatch.setattr(export_cli, "program_max_abs_diff", lambda *args: 0.5)
+    argv = ["export", "--model", tiny, "--format", "exported-program", "--image-size", "24"]
+    assert main([*argv, "--output", str(tmp_path / "x.pt2")]) == 1
+    assert "max abs diff 0.5 is above --atol 0.0001" in capsys.readouterr().err
+
+
+def test_cli_export_bad_input(tiny, tmp_path, capsys):
+    from involution.models import create_model, save_weights
+
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(create_model(tiny, num_classes=5), weights)
+    out = str(tmp_path / "x.onnx")
+    cases = [
+        (["--model", tiny, "--model-arg", "num_classes=7", "--weights", str(weights)], "num_classes (7)"),
+        (["--model", "rednet26", "--weights", str(weights)], f"holds a {tiny} model, not --model rednet26"),
+        (["--model", "rednet2"], "not a registered model"),
+        (["--model", tiny, "--weights", str(tmp_path / "none.safetensors")], "is not a file"),
+        ([], "give --model NAME"),
+        (["--model", tiny, "--model-arg", "width"], "must be KEY=VALUE"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(["export", *argv, "--output", out]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", tiny, "--format", "tflite"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_export_zoo_model_to_onnx(tmp_path, capsys):
+    path = tmp_path / "rednet26.onnx"
+    argv = ["export", "--model", "rednet26_cifar", "--model-arg", "base_width=16"]
+    assert main([*argv, "--image-size", "32", "--output", str(path)]) == 0
+    assert _reported_diff(capsys.readouterr().out) <= 1e-4
+    assert nonstandard_onnx_domains(path) == set()

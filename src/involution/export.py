@@ -136,6 +136,7 @@ def export_onnx(
         opset_version=opset,
         dynamo=True,
         external_data=False,
+        verbose=False,
     )
     custom = nonstandard_onnx_domains(path)
     if custom:

@@ -13,6 +13,7 @@ command fails (exit 1) above --atol. Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        # The ONNX optimizer logs one line per rewrite at INFO level: thousands for RedNet.
+        logging.getLogger("onnxscript").setLevel(logging.WARNING)
     try:
         if args.image_size < 1 or args.batch_size < 1:
             raise ValueError(
