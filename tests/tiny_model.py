@@ -36,8 +36,9 @@ def _tiny_involution_net(
     gen = torch.Generator().manual_seed(0)
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(width, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(width, generator=gen) + 0.5)
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     return net
 
 
