@@ -160,7 +160,7 @@ def test_cli_export_bad_input(tiny, tmp_path, capsys):
     save_weights(create_model(tiny, num_classes=5), weights)
     out = str(tmp_path / "x.onnx")
     cases = [
-        (["--model", tiny, "--model-arg", "num_classes=7", "--weights", str(weights)], "num_classes (7)"),
+        (["--model", tiny, "--model-arg", "num_classes=7", "--weights", str(weights)], "9.weight: checkpoint (5, 16) vs model (7, 16)"),
         (["--model", "rednet26", "--weights", str(weights)], f"holds a {tiny} model, not --model rednet26"),
         (["--model", "rednet2"], "not a registered model"),
         (["--model", tiny, "--weights", str(tmp_path / "none.safetensors")], "is not a file"),
