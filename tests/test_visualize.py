@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from involution import Involution2d
+from involution.cli.__main__ import main
 from involution.visualization import (
     capture_kernel,
     involution_layers,
@@ -113,3 +114,57 @@ def test_plot_kernels_writes_a_png(net, tmp_path):
         plot_kernels(picture, kernel, 7, [(1, 1)], [2], tmp_path / "x.png")
     with pytest.raises(ValueError, match="kernel shape"):
         plot_kernels(picture, kernel, 5, [(1, 1)], [0], tmp_path / "x.png")
+
+
+# The command line.
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> str:
+    from tiny_model import register_tiny_model
+
+    return register_tiny_model(monkeypatch)
+
+
+def test_cli_visualize_sample_image(tiny, tmp_path, capsys):
+    path = tmp_path / "kernels.png"
+    argv = ["visualize", "--model", tiny, "--image-size", "40", "--output", str(path)]
+    assert main([*argv, "--layer", "3", "--pixels", "0,0", "39,20", "--groups", "1"]) == 0
+    assert "layer 3, kernel (1, 2, 25, 10, 10)" in capsys.readouterr().out
+    assert path.read_bytes()[:8] == PNG
+
+
+def test_cli_visualize_zoo_model_and_list_layers(tmp_path, capsys):
+    argv = ["visualize", "--model", "rednet26", "--model-arg", "base_width=16"]
+    assert main([*argv, "--list-layers"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) > 5 and all("Involution2d(" in line for line in listed)
+    image = tmp_path / "photo.jpg"
+    from PIL import Image
+
+    Image.open(sample_image()).resize((90, 60)).save(image)
+    path = tmp_path / "k.png"
+    assert main([*argv, "--image", str(image), "--image-size", "64", "--output", str(path)]) == 0
+    last = listed[-1].split(":")[0]
+    assert f"layer {last}," in capsys.readouterr().out
+    assert path.read_bytes()[:8] == PNG
+
+
+def test_cli_visualize_bad_input(tiny, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    base = ["visualize", "--model", tiny, "--image-size", "32", "--output", str(tmp_path / "k.png")]
+    cases = [
+        (["--layer", "0"], "layer ('0') is not an involution layer of Sequential; valid layers: 3, 6"),
+        (["--image", str(tmp_path / "notes.png")], "cannot be read as an image"),
+        (["--image", str(tmp_path / "missing.png")], "missing.png) is not a file"),
+        (["--pixels", "32,0"], "pixel (32, 0) must lie in the 32x32 image"),
+        (["--groups", "2"], "groups ([2]) must be among 0..1"),
+        (["--model-arg", "width=12"], "must be divisible by group_channels"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main([*base, *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--pixels", "3;4"])
+    assert exit_info.value.code == 2
+    assert "ROW,COL" in capsys.readouterr().err
