@@ -246,3 +246,51 @@ def test_cuda_timing_and_peak_memory():
     assert peak_memory(lambda: torch.empty(MIB, device="cuda"), "cuda") == 4 * MIB
     rows = benchmark_op(OpShape(2, 32, 12, 10), 5, device="cuda", repeats=2, bandwidth=1e11)
     assert all(_positive(r["median_ms"]) and _positive(r["peak_mib"]) for r in rows)
+
+
+# Models side by side.
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> str:
+    from tiny_model import register_tiny_model
+
+    return register_tiny_model(monkeypatch)
+
+
+def test_benchmark_model_row(tiny):
+    from involution.benchmark.model import benchmark_model
+    from involution.models import count_macs, create_model
+
+    model = create_model(tiny, num_classes=7)
+    macs = count_macs(model.eval(), (1, 3, 24, 24))
+    params = sum(p.numel() for p in model.parameters())
+    row = benchmark_model(model, batch_size=3, image_size=24, warmup=1, repeats=2)
+    assert row["params_m"] == params / 1e6
+    assert row["gmacs"] == macs / 1e9
+    keys = ("inference_img_s", "inference_peak_mib", "training_img_s", "training_peak_mib")
+    assert all(_positive(row[k]) for k in keys), row
+    # Training keeps activations for the backward pass: it needs more memory than inference.
+    assert row["training_peak_mib"] > row["inference_peak_mib"]
+    with pytest.raises(ValueError, match="modes"):
+        benchmark_model(model, modes=["serving"])
+    with pytest.raises(ValueError, match="batch_size"):
+        benchmark_model(model, batch_size=0)
+
+
+def test_cli_bench_model_csv_and_chart(tiny, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, chart = tmp_path / "models.csv", tmp_path / "models.png"
+    argv = ["bench", "model", "--models", tiny, "rednet26_cifar", "--model-arg", "base_width=16"]
+    argv += ["--batch-size", "2", "--image-size", "32", "--modes", "inference", "--repeats", "1"]
+    assert main([*argv, "--format", "csv", "--output", str(out), "--plot", str(chart)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["model"] for r in rows] == [tiny, "rednet26_cifar"]
+    assert list(rows[0]) == ["model", "params_m", "gmacs", "inference_img_s", "inference_peak_mib"]
+    assert all(float(r["inference_img_s"]) > 0 for r in rows)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_model_unknown_name(capsys):
+    assert main(["bench", "model", "--models", "rednet27", "--repeats", "1"]) == 2
+    assert "'rednet27') is not a registered model" in capsys.readouterr().err
