@@ -159,7 +159,7 @@ def test_cli_visualize_bad_input(tiny, tmp_path, capsys):
         (["--image", str(tmp_path / "missing.png")], "missing.png) is not a file"),
         (["--pixels", "32,0"], "pixel (32, 0) must lie in the 32x32 image"),
         (["--groups", "2"], "groups ([2]) must be among 0..1"),
-        (["--model-arg", "width=12"], "must be divisible by group_channels"),
+        (["--model-arg", "base_width=12"], "must be divisible by group_channels"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main([*base, *argv]) == 2, argv

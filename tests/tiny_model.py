@@ -17,8 +17,9 @@ def _tiny_involution_net(
     in_chans: int = 3,
     features_only: bool = False,
     out_indices: object = None,
-    width: int = 16,
+    base_width: int = 16,
 ) -> nn.Module:
+    width = base_width
     net = nn.Sequential(
         nn.Conv2d(in_chans, width, 3, stride=2, padding=1),
         nn.BatchNorm2d(width),
