@@ -54,3 +54,13 @@ def assert_close_for(dtype: torch.dtype, actual: torch.Tensor, expected: torch.T
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """`make test` runs two workers on two cores: one thread each avoids oversubscription, which
+    made the small models of these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
