@@ -154,7 +154,7 @@ def kernel_statistic(kernel: torch.Tensor, statistic: str = "sum") -> torch.Tens
 def plot_kernels(
     picture: torch.Tensor,
     kernel: torch.Tensor,
-    kernel_size: int | tuple[int, int],
+    kernel_size: int | Sequence[int],
     pixels: Sequence[tuple[int, int]],
     groups: Sequence[int],
     path: str | os.PathLike[str],
@@ -186,7 +186,7 @@ def plot_kernels(
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("drawing needs matplotlib: pip install 'involution[demo]'") from error
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     if kernel.dim() != 5 or kernel.shape[0] != 1 or kernel.shape[2] != kh * kw:
         raise ValueError(f"kernel shape {tuple(kernel.shape)} must be (1, G, {kh * kw}, Ho, Wo)")
     size = picture.shape[0]

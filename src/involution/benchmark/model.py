@@ -85,7 +85,9 @@ def benchmark_model(
         "gmacs": count_macs(model.eval(), (1, in_chans, image_size, image_size)) / 1e9,
     }
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     images = torch.randn(batch_size, in_chans, image_size, image_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     runner: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compile else model

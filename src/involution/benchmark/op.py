@@ -22,6 +22,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,11 +144,10 @@ def _candidates(
     out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     if out_h < 1 or out_w < 1:
         raise ValueError(f"shape ({shape}) is too small for kernel_size {k}")
-    factory = {"device": device, "dtype": dtype}
     out_bytes = b * c * out_h * out_w * torch.empty((), dtype=dtype).element_size()
 
     def operands(*shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.randn(s, **factory).requires_grad_() for s in shapes)
+        return tuple(torch.randn(s, device=device, dtype=dtype).requires_grad_() for s in shapes)
 
     candidates = []
     for backend in backends:
@@ -217,7 +217,7 @@ def benchmark_op(
     warmup: int = 2,
     repeats: int = 10,
     bandwidth: float | None = None,
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """Measures each involution backend and baseline convolution at one shape.
 
     Args:
@@ -269,7 +269,7 @@ def benchmark_op(
     candidates = _candidates(
         shape, kernel_size, stride, group_channels, dtype, device, backends, baselines
     )
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for candidate in candidates:
         operand_bytes = sum(t.nbytes for t in candidate.operands)
         for pass_name in passes:

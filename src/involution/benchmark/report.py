@@ -147,9 +147,8 @@ def bar_chart(
                     and (series is None or r[series] == name)
                     and (panel is None or r[panel] == panel_value)
                 ]
-                heights.append(
-                    float(match[0][value]) if match and match[0][value] is not None else 0.0
-                )
+                height = match[0][value] if match else None
+                heights.append(float(height) if isinstance(height, int | float) else 0.0)
             positions = [c + (i - (len(names) - 1) / 2) * width for c in range(len(categories))]
             ax.bar(positions, heights, width, label=None if name is None else str(name))
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])

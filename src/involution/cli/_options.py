@@ -11,6 +11,7 @@ import ast
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def setup_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def parse_model_args(items: list[str]) -> dict[str, object]:
+def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``["base_width=16", "num_classes=10"]`` -> ``{"base_width": 16, "num_classes": 10}``.
 
     Values are read as Python literals (ints, floats, booleans, tuples); anything else stays a
@@ -76,7 +77,7 @@ def parse_model_args(items: list[str]) -> dict[str, object]:
     Raises:
         ValueError: an item without "=".
     """
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():

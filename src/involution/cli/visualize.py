@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args)
         layers = involution_layers(model)
         if args.list_layers:
-            for name, layer in layers.items():
-                print(f"{name}: {type(layer).__name__}({layer.extra_repr()})")
+            for name, module in layers.items():
+                print(f"{name}: {type(module).__name__}({module.extra_repr()})")
             return 0
         if not layers:
             raise ValueError(f"the model ({type(model).__name__}) has no involution layer")
