@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
+# The operator's CPU table in BENCHMARKS.md; the output heads itself with the machine and command.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_op_cpu.py
+	$(BIN)/involution bench op --device cpu --backends reference torch --baselines depthwise \
+		--passes forward forward+backward
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache runs
