@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "faster than the reference backend."
         ),
     )
+    op.epilog = (
+        "The CPU table of BENCHMARKS.md (RedNet shapes and the 8x256x56x56 target, K=7, G=C/16, "
+        "float32):\n  involution bench op --device cpu --backends reference torch "
+        "--baselines depthwise --passes forward forward+backward"
+    )
+    op.formatter_class = argparse.RawDescriptionHelpFormatter
     op.add_argument(
         "--shapes",
         nargs="+",
