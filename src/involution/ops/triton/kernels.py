@@ -1,0 +1,241 @@
+"""Triton kernels of the involution op (Li et al., CVPR 2021, arXiv 2103.06255, Eq. 4).
+
+Every kernel is written for three spatial dimensions; 1D and 2D problems reach them through an
+exact reshape that gives the missing dimensions size 1 and kernel size 1 (see ``launch.py``).
+Tensors are contiguous and viewed per (batch, group) row ``n`` in ``[0, B * G)``::
+
+    x   (B*G, Cg, D, H, W)          input, Cg = C // G channels per group
+    w   (B*G, T, OD, OH, OW)        per-pixel kernel, T = KD * KH * KW taps in row-major order
+    y   (B*G, Cg, OD, OH, OW)       output
+
+Each program owns one row ``n`` and a block of BLOCK_P flattened pixels, loops over the group's
+channels BLOCK_C at a time and over the taps with compile-time loops, and accumulates in float32.
+No program writes where another one does, so there are no atomics and results are
+deterministic: the input gradient is a gather over taps (each input pixel collects from the
+output pixels that read it), the kernel gradient sums over the group's channels inside the
+program.
+
+The channel count per group ``CG`` is a compile-time constant, like the geometry: a network
+compiles one variant per group width (RedNet: 16), and the channel loops get a known trip count.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_index(p, OH, OW):
+    """Flattened pixel index -> (depth, row, column)."""
+    col = p % OW
+    rest = p // OW
+    return rest // OH, rest % OH, col
+
+
+@triton.jit
+def involution_forward_kernel(
+    x_ptr,  # (B*G, Cg, D, H, W)
+    w_ptr,  # (B*G, T, OD, OH, OW)
+    y_ptr,  # (B*G, Cg, OD, OH, OW)
+    CG: tl.constexpr,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    P = OD * OH * OW
+    blocks = tl.cdiv(P, BLOCK_P)
+    pid = tl.program_id(0)
+    n = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = p < P
+    od, oh, ow = _split_index(p, OH, OW)
+    T: tl.constexpr = KD * KH * KW
+    x_row = x_ptr + n * CG * D * H * W
+    w_row = w_ptr + n * T * P
+    y_row = y_ptr + n * CG * P
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        x_chan = x_row + c[:, None] * (D * H * W)
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        for kd in tl.static_range(KD):
+            i_d = od * SD - PD + kd * DD
+            ok_d = in_p & (i_d >= 0) & (i_d < D)
+            for kh in tl.static_range(KH):
+                i_h = oh * SH - PH + kh * DH
+                ok_h = ok_d & (i_h >= 0) & (i_h < H)
+                for kw in tl.static_range(KW):
+                    i_w = ow * SW - PW + kw * DW
+                    ok = ok_h & (i_w >= 0) & (i_w < W)
+                    tap = (kd * KH + kh) * KW + kw
+                    wv = tl.load(w_row + tap * P + p, mask=in_p, other=0.0).to(tl.float32)
+                    offset = (i_d * H + i_h) * W + i_w
+                    xv = tl.load(
+                        x_chan + offset[None, :], mask=in_c[:, None] & ok[None, :], other=0.0
+                    ).to(tl.float32)
+                    acc += xv * wv[None, :]
+        tl.store(
+            y_row + c[:, None] * P + p[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=in_c[:, None] & in_p[None, :],
+        )
+
+
+@triton.jit
+def involution_grad_input_kernel(
+    gy_ptr,  # (B*G, Cg, OD, OH, OW)
+    w_ptr,  # (B*G, T, OD, OH, OW)
+    gx_ptr,  # (B*G, Cg, D, H, W)
+    CG: tl.constexpr,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    Q = D * H * W
+    P = OD * OH * OW
+    blocks = tl.cdiv(Q, BLOCK_P)
+    pid = tl.program_id(0)
+    n = (pid // blocks).to(tl.int64)
+    q = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_q = q < Q
+    i_d, i_h, i_w = _split_index(q, H, W)
+    T: tl.constexpr = KD * KH * KW
+    gy_row = gy_ptr + n * CG * P
+    w_row = w_ptr + n * T * P
+    gx_row = gx_ptr + n * CG * Q
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        gy_chan = gy_row + c[:, None] * P
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        for kd in tl.static_range(KD):
+            # Output pixel o reads input pixel o * S - PAD + k * DIL: invert that map.
+            num_d = i_d + PD - kd * DD
+            o_d = num_d // SD
+            ok_d = in_q & (num_d >= 0) & (num_d % SD == 0) & (o_d < OD)
+            for kh in tl.static_range(KH):
+                num_h = i_h + PH - kh * DH
+                o_h = num_h // SH
+                ok_h = ok_d & (num_h >= 0) & (num_h % SH == 0) & (o_h < OH)
+                for kw in tl.static_range(KW):
+                    num_w = i_w + PW - kw * DW
+                    o_w = num_w // SW
+                    ok = ok_h & (num_w >= 0) & (num_w % SW == 0) & (o_w < OW)
+                    tap = (kd * KH + kh) * KW + kw
+                    o = (o_d * OH + o_h) * OW + o_w
+                    wv = tl.load(w_row + tap * P + o, mask=ok, other=0.0).to(tl.float32)
+                    gv = tl.load(
+                        gy_chan + o[None, :], mask=in_c[:, None] & ok[None, :], other=0.0
+                    ).to(tl.float32)
+                    acc += gv * wv[None, :]
+        tl.store(
+            gx_row + c[:, None] * Q + q[None, :],
+            acc.to(gx_ptr.dtype.element_ty),
+            mask=in_c[:, None] & in_q[None, :],
+        )
+
+
+@triton.jit
+def involution_grad_kernel_kernel(
+    gy_ptr,  # (B*G, Cg, OD, OH, OW)
+    x_ptr,  # (B*G, Cg, D, H, W)
+    gw_ptr,  # (B*G, T, OD, OH, OW)
+    CG: tl.constexpr,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    P = OD * OH * OW
+    blocks = tl.cdiv(P, BLOCK_P)
+    pid = tl.program_id(0)
+    n = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = p < P
+    od, oh, ow = _split_index(p, OH, OW)
+    T: tl.constexpr = KD * KH * KW
+    x_row = x_ptr + n * CG * D * H * W
+    gy_row = gy_ptr + n * CG * P
+    gw_row = gw_ptr + n * T * P
+    for kd in tl.static_range(KD):
+        i_d = od * SD - PD + kd * DD
+        ok_d = in_p & (i_d >= 0) & (i_d < D)
+        for kh in tl.static_range(KH):
+            i_h = oh * SH - PH + kh * DH
+            ok_h = ok_d & (i_h >= 0) & (i_h < H)
+            for kw in tl.static_range(KW):
+                i_w = ow * SW - PW + kw * DW
+                ok = ok_h & (i_w >= 0) & (i_w < W)
+                offset = (i_d * H + i_h) * W + i_w
+                acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+                for c0 in range(0, CG, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    in_c = c < CG
+                    gv = tl.load(
+                        gy_row + c[:, None] * P + p[None, :],
+                        mask=in_c[:, None] & in_p[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    xv = tl.load(
+                        x_row + c[:, None] * (D * H * W) + offset[None, :],
+                        mask=in_c[:, None] & ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    acc += gv * xv
+                tap = (kd * KH + kh) * KW + kw
+                tl.store(
+                    gw_row + tap * P + p,
+                    tl.sum(acc, axis=0).to(gw_ptr.dtype.element_ty),
+                    mask=in_p,
+                )
