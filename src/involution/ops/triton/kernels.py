@@ -126,45 +126,67 @@ def involution_grad_input_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    Q = D * H * W
+    # Output pixel o reads input pixel i = o * S - PAD + k * DIL, so tap k reaches i from
+    # o = (i + PAD - k * DIL) / S when that divides exactly. Each program takes the input pixels
+    # of one residue class r = i mod S per dimension: whether a tap reaches them is then one
+    # decision for the whole program, and strided layers skip the taps that cannot contribute.
+    QD = tl.cdiv(D, SD)
+    QH = tl.cdiv(H, SH)
+    QW = tl.cdiv(W, SW)
+    Q = QD * QH * QW
     P = OD * OH * OW
     blocks = tl.cdiv(Q, BLOCK_P)
     pid = tl.program_id(0)
-    n = (pid // blocks).to(tl.int64)
-    q = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_q = q < Q
-    i_d, i_h, i_w = _split_index(q, H, W)
+    block = pid % blocks
+    rest = pid // blocks
+    r_w = rest % SW
+    rest = rest // SW
+    r_h = rest % SH
+    rest = rest // SH
+    r_d = rest % SD
+    n = (rest // SD).to(tl.int64)
+    q = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_d, q_h, q_w = _split_index(q, QH, QW)
+    i_d = r_d + q_d * SD
+    i_h = r_h + q_h * SH
+    i_w = r_w + q_w * SW
+    in_q = (q < Q) & (i_d < D) & (i_h < H) & (i_w < W)
     T: tl.constexpr = KD * KH * KW
     gy_row = gy_ptr + n * CG * P
     w_row = w_ptr + n * T * P
-    gx_row = gx_ptr + n * CG * Q
+    gx_row = gx_ptr + n * CG * D * H * W
     for c0 in range(0, CG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < CG
         gy_chan = gy_row + c[:, None] * P
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         for kd in tl.static_range(KD):
-            # Output pixel o reads input pixel o * S - PAD + k * DIL: invert that map.
-            num_d = i_d + PD - kd * DD
-            o_d = num_d // SD
-            ok_d = in_q & (num_d >= 0) & (num_d % SD == 0) & (o_d < OD)
-            for kh in tl.static_range(KH):
-                num_h = i_h + PH - kh * DH
-                o_h = num_h // SH
-                ok_h = ok_d & (num_h >= 0) & (num_h % SH == 0) & (o_h < OH)
-                for kw in tl.static_range(KW):
-                    num_w = i_w + PW - kw * DW
-                    o_w = num_w // SW
-                    ok = ok_h & (num_w >= 0) & (num_w % SW == 0) & (o_w < OW)
-                    tap = (kd * KH + kh) * KW + kw
-                    o = (o_d * OH + o_h) * OW + o_w
-                    wv = tl.load(w_row + tap * P + o, mask=ok, other=0.0).to(tl.float32)
-                    gv = tl.load(
-                        gy_chan + o[None, :], mask=in_c[:, None] & ok[None, :], other=0.0
-                    ).to(tl.float32)
-                    acc += gv * wv[None, :]
+            num_d = r_d + PD - kd * DD
+            if num_d % SD == 0:
+                o_d = q_d + num_d // SD
+                ok_d = in_q & (o_d >= 0) & (o_d < OD)
+                for kh in tl.static_range(KH):
+                    num_h = r_h + PH - kh * DH
+                    if num_h % SH == 0:
+                        o_h = q_h + num_h // SH
+                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
+                        for kw in tl.static_range(KW):
+                            num_w = r_w + PW - kw * DW
+                            if num_w % SW == 0:
+                                o_w = q_w + num_w // SW
+                                ok = ok_h & (o_w >= 0) & (o_w < OW)
+                                tap = (kd * KH + kh) * KW + kw
+                                o = (o_d * OH + o_h) * OW + o_w
+                                wv = tl.load(w_row + tap * P + o, mask=ok, other=0.0)
+                                gv = tl.load(
+                                    gy_chan + o[None, :],
+                                    mask=in_c[:, None] & ok[None, :],
+                                    other=0.0,
+                                )
+                                acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        i = (i_d * H + i_h) * W + i_w
         tl.store(
-            gx_row + c[:, None] * Q + q[None, :],
+            gx_row + c[:, None] * (D * H * W) + i[None, :],
             acc.to(gx_ptr.dtype.element_ty),
             mask=in_c[:, None] & in_q[None, :],
         )
@@ -208,6 +230,14 @@ def involution_grad_kernel_kernel(
     x_row = x_ptr + n * CG * D * H * W
     gy_row = gy_ptr + n * CG * P
     gw_row = gw_ptr + n * T * P
+    c = tl.arange(0, BLOCK_C)
+    if CG <= BLOCK_C:
+        # One chunk holds the group: grad_out stays in registers across the taps.
+        gv_all = tl.load(
+            gy_row + c[:, None] * P + p[None, :],
+            mask=(c < CG)[:, None] & in_p[None, :],
+            other=0.0,
+        ).to(tl.float32)
     for kd in tl.static_range(KD):
         i_d = od * SD - PD + kd * DD
         ok_d = in_p & (i_d >= 0) & (i_d < D)
@@ -218,24 +248,29 @@ def involution_grad_kernel_kernel(
                 i_w = ow * SW - PW + kw * DW
                 ok = ok_h & (i_w >= 0) & (i_w < W)
                 offset = (i_d * H + i_h) * W + i_w
-                acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-                for c0 in range(0, CG, BLOCK_C):
-                    c = c0 + tl.arange(0, BLOCK_C)
-                    in_c = c < CG
-                    gv = tl.load(
-                        gy_row + c[:, None] * P + p[None, :],
-                        mask=in_c[:, None] & in_p[None, :],
-                        other=0.0,
-                    ).to(tl.float32)
+                if CG <= BLOCK_C:
                     xv = tl.load(
                         x_row + c[:, None] * (D * H * W) + offset[None, :],
-                        mask=in_c[:, None] & ok[None, :],
+                        mask=(c < CG)[:, None] & ok[None, :],
                         other=0.0,
                     ).to(tl.float32)
-                    acc += gv * xv
+                    total = tl.sum(gv_all * xv, axis=0)
+                else:
+                    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+                    for c0 in range(0, CG, BLOCK_C):
+                        cc = c0 + c
+                        in_c = cc < CG
+                        gv = tl.load(
+                            gy_row + cc[:, None] * P + p[None, :],
+                            mask=in_c[:, None] & in_p[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        xv = tl.load(
+                            x_row + cc[:, None] * (D * H * W) + offset[None, :],
+                            mask=in_c[:, None] & ok[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        acc += gv * xv
+                    total = tl.sum(acc, axis=0)
                 tap = (kd * KH + kh) * KW + kw
-                tl.store(
-                    gw_row + tap * P + p,
-                    tl.sum(acc, axis=0).to(gw_ptr.dtype.element_ty),
-                    mask=in_p,
-                )
+                tl.store(gw_row + tap * P + p, total.to(gw_ptr.dtype.element_ty), mask=in_p)

@@ -157,8 +157,9 @@ def grad_input(
         stride,
         padding,
         dilation,
-        rows=batch * groups,
-        pixels=math.prod(input_size),
+        # One program row per (batch, group) and residue class of the input pixels modulo stride.
+        rows=batch * groups * math.prod(stride),
+        pixels=math.prod(-(-n // s) for n, s in zip(input_size, stride, strict=True)),
     )
 
 
