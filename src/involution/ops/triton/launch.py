@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -43,7 +44,7 @@ else:
 _KEY = ["CG", "D", "H", "W", "OD", "OH", "OW"]
 
 
-def _autotuned(kernel: Callable) -> Callable:
+def _autotuned(kernel: Callable) -> Any:
     return triton.autotune(configs=_CONFIGS, key=_KEY)(kernel)
 
 
@@ -57,7 +58,7 @@ def _to_3d(values: Sequence[int], fill: int) -> tuple[int, ...]:
 
 
 def _launch(
-    kernel: Callable,
+    kernel: Any,
     first: torch.Tensor,
     second: torch.Tensor,
     out: torch.Tensor,
