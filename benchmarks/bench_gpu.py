@@ -196,6 +196,7 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
 
+    row_format = "{:<15}| {:<13}| {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>11}"
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         rows = []
@@ -208,7 +209,9 @@ def main() -> None:
             rows,
         )
 
-        timing_rows, memory_rows, bandwidth_rows = [], [], []
+        print(f"\n[{dtype_name}] median ms (do_bench) and peak MiB above the inputs")
+        print(row_format.format("layer", "backend", *MODES, *(f"MiB {m}" for m in MODES)))
+        bandwidth_rows = []
         for layer in layers:
             x, w, g = make_inputs(layer, args.batch, dtype)
             candidates = {
@@ -225,8 +228,9 @@ def main() -> None:
             conv, weight = depthwise_fn(layer, dtype)
             results["dwconv"] = measure(conv, x, weight, g)
             for name, r in results.items():
-                timing_rows.append([layer.name, name, *(f"{r[m][0]:.3f}" for m in MODES)])
-                memory_rows.append([layer.name, name, *(f"{r[m][1]:.0f}" for m in MODES)])
+                times = (f"{r[m][0]:.3f}" for m in MODES)
+                memory = (f"{r[m][1]:.0f}" for m in MODES)
+                print(row_format.format(layer.name, name, *times, *memory), flush=True)
             tri = results.get("triton")
             if tri is not None:
                 moved = traffic(x, w, g)
@@ -246,16 +250,6 @@ def main() -> None:
                 )
             del x, w, g
             torch.cuda.empty_cache()
-        print_table(
-            f"[{dtype_name}] median ms (do_bench)",
-            ["layer", "backend", *MODES],
-            timing_rows,
-        )
-        print_table(
-            f"[{dtype_name}] peak MiB above inputs",
-            ["layer", "backend", *MODES],
-            memory_rows,
-        )
         print_table(
             f"[{dtype_name}] triton GB/s (% of copy {copy_gbs:.0f} GB/s) and fwd+bwd speed-up "
             "of triton over",

@@ -198,7 +198,7 @@ REDNET_LAYERS = [(32, 112, 3, 1), (64, 56, 7, 1), (128, 56, 7, 2), (256, 28, 7, 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layer", REDNET_LAYERS, ids=str)
 def test_rednet_shapes_on_cuda(layer, dtype):
     channels, size, kernel_size, stride = layer
@@ -209,8 +209,9 @@ def test_rednet_shapes_on_cuda(layer, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_odd_geometry_on_cuda():
-    for n, case in [(2, c) for c in CASES_2D] + [(1, (2, 6, 2, (13,), 5, 2, 1, None))]:
-        assert_matches_reference(n, torch.float32, "cuda", *case)
+    for case in CASES_2D[2:5]:
+        assert_matches_reference(2, torch.float32, "cuda", *case)
+    assert_matches_reference(1, torch.float16, "cuda", 2, 6, 2, (13,), 5, 2, 1, None)
     assert_matches_reference(3, torch.bfloat16, "cuda", 2, 32, 2, (9, 10, 11), 3, 2, 1, None)
 
 

@@ -24,6 +24,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Sizes are not specialized on divisibility by 16: the input is gathered at shifted, unaligned
+# positions that cannot be vectorized, and were the aligned accesses (kernel, output) vectorized,
+# their register layout would differ from the gathers' and every tap would pay a layout conversion
+# through shared memory. With every access scalar, consecutive lanes read consecutive pixels.
+_SIZES = ["D", "H", "W", "OD", "OH", "OW"]
+
 
 @triton.jit
 def _split_index(p, OH, OW):
@@ -33,7 +39,7 @@ def _split_index(p, OH, OW):
     return rest // OH, rest % OH, col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def involution_forward_kernel(
     x_ptr,  # (B*G, Cg, D, H, W)
     w_ptr,  # (B*G, T, OD, OH, OW)
@@ -74,8 +80,8 @@ def involution_forward_kernel(
     for c0 in range(0, CG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < CG
-        x_chan = x_row + c[:, None] * (D * H * W)
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        x_chan = x_row + c[None, :] * (D * H * W)
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for kd in tl.static_range(KD):
             i_d = od * SD - PD + kd * DD
             ok_d = in_p & (i_d >= 0) & (i_d < D)
@@ -89,17 +95,17 @@ def involution_forward_kernel(
                     wv = tl.load(w_row + tap * P + p, mask=in_p, other=0.0).to(tl.float32)
                     offset = (i_d * H + i_h) * W + i_w
                     xv = tl.load(
-                        x_chan + offset[None, :], mask=in_c[:, None] & ok[None, :], other=0.0
+                        x_chan + offset[:, None], mask=ok[:, None] & in_c[None, :], other=0.0
                     ).to(tl.float32)
-                    acc += xv * wv[None, :]
+                    acc += xv * wv[:, None]
         tl.store(
-            y_row + c[:, None] * P + p[None, :],
+            y_row + c[None, :] * P + p[:, None],
             acc.to(y_ptr.dtype.element_ty),
-            mask=in_c[:, None] & in_p[None, :],
+            mask=in_p[:, None] & in_c[None, :],
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def involution_grad_input_kernel(
     gy_ptr,  # (B*G, Cg, OD, OH, OW)
     w_ptr,  # (B*G, T, OD, OH, OW)
@@ -158,8 +164,8 @@ def involution_grad_input_kernel(
     for c0 in range(0, CG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < CG
-        gy_chan = gy_row + c[:, None] * P
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        gy_chan = gy_row + c[None, :] * P
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for kd in tl.static_range(KD):
             num_d = r_d + PD - kd * DD
             if num_d % SD == 0:
@@ -179,20 +185,20 @@ def involution_grad_input_kernel(
                                 o = (o_d * OH + o_h) * OW + o_w
                                 wv = tl.load(w_row + tap * P + o, mask=ok, other=0.0)
                                 gv = tl.load(
-                                    gy_chan + o[None, :],
-                                    mask=in_c[:, None] & ok[None, :],
+                                    gy_chan + o[:, None],
+                                    mask=in_c[None, :] & ok[:, None],
                                     other=0.0,
                                 )
-                                acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
+                                acc += gv.to(tl.float32) * wv.to(tl.float32)[:, None]
         i = (i_d * H + i_h) * W + i_w
         tl.store(
-            gx_row + c[:, None] * (D * H * W) + i[None, :],
+            gx_row + c[None, :] * (D * H * W) + i[:, None],
             acc.to(gx_ptr.dtype.element_ty),
-            mask=in_c[:, None] & in_q[None, :],
+            mask=in_c[None, :] & in_q[:, None],
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def involution_grad_kernel_kernel(
     gy_ptr,  # (B*G, Cg, OD, OH, OW)
     x_ptr,  # (B*G, Cg, D, H, W)
@@ -234,8 +240,8 @@ def involution_grad_kernel_kernel(
     if CG <= BLOCK_C:
         # One chunk holds the group: grad_out stays in registers across the taps.
         gv_all = tl.load(
-            gy_row + c[:, None] * P + p[None, :],
-            mask=(c < CG)[:, None] & in_p[None, :],
+            gy_row + c[None, :] * P + p[:, None],
+            mask=(c < CG)[None, :] & in_p[:, None],
             other=0.0,
         ).to(tl.float32)
     for kd in tl.static_range(KD):
@@ -250,27 +256,27 @@ def involution_grad_kernel_kernel(
                 offset = (i_d * H + i_h) * W + i_w
                 if CG <= BLOCK_C:
                     xv = tl.load(
-                        x_row + c[:, None] * (D * H * W) + offset[None, :],
-                        mask=(c < CG)[:, None] & ok[None, :],
+                        x_row + c[None, :] * (D * H * W) + offset[:, None],
+                        mask=(c < CG)[None, :] & ok[:, None],
                         other=0.0,
                     ).to(tl.float32)
-                    total = tl.sum(gv_all * xv, axis=0)
+                    total = tl.sum(gv_all * xv, axis=1)
                 else:
-                    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+                    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
                     for c0 in range(0, CG, BLOCK_C):
                         cc = c0 + c
                         in_c = cc < CG
                         gv = tl.load(
-                            gy_row + cc[:, None] * P + p[None, :],
-                            mask=in_c[:, None] & in_p[None, :],
+                            gy_row + cc[None, :] * P + p[:, None],
+                            mask=in_c[None, :] & in_p[:, None],
                             other=0.0,
                         ).to(tl.float32)
                         xv = tl.load(
-                            x_row + cc[:, None] * (D * H * W) + offset[None, :],
-                            mask=in_c[:, None] & ok[None, :],
+                            x_row + cc[None, :] * (D * H * W) + offset[:, None],
+                            mask=in_c[None, :] & ok[:, None],
                             other=0.0,
                         ).to(tl.float32)
                         acc += gv * xv
-                    total = tl.sum(acc, axis=0)
+                    total = tl.sum(acc, axis=1)
                 tap = (kd * KH + kh) * KW + kw
                 tl.store(gw_row + tap * P + p, total.to(gw_ptr.dtype.element_ty), mask=in_p)

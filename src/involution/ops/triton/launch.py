@@ -35,17 +35,26 @@ _MAX_BLOCK_C = 4 if _INTERPRETED else 16
 if _INTERPRETED:
     _CONFIGS = [triton.Config({"BLOCK_P": 32}, num_warps=1)]
 else:
+    # One pixel per thread and BLOCK_C channels in its registers, or two pixels per thread.
     _CONFIGS = [
         triton.Config({"BLOCK_P": 64}, num_warps=2),
         triton.Config({"BLOCK_P": 128}, num_warps=4),
         triton.Config({"BLOCK_P": 256}, num_warps=4),
-        triton.Config({"BLOCK_P": 512}, num_warps=8),
     ]
 _KEY = ["CG", "D", "H", "W", "OD", "OH", "OW"]
 
 
+def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Drops blocks larger than the image, so that small layers compile a single config."""
+    pixels = named_args["OD"] * named_args["OH"] * named_args["OW"]
+    limit = max(triton.next_power_of_2(pixels), configs[0].kwargs["BLOCK_P"])
+    return [c for c in configs if c.kwargs["BLOCK_P"] <= limit]
+
+
 def _autotuned(kernel: Callable) -> Any:
-    return triton.autotune(configs=_CONFIGS, key=_KEY)(kernel)
+    return triton.autotune(
+        configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
+    )(kernel)
 
 
 _forward = _autotuned(kernels.involution_forward_kernel)
