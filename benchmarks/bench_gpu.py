@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 import triton.testing
 
@@ -186,6 +187,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="backends to leave out")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
+    # The backward is timed alone by replaying it on a retained graph, which donated buffers forbid.
+    torch._functorch.config.donated_buffer = False
     layers = [LAYERS[i] for i in args.layers] if args.layers else LAYERS
 
     props = torch.cuda.get_device_properties(0)
