@@ -2,6 +2,7 @@
 
 from . import functional
 from .functional import involution1d, involution2d, involution3d
+from .models import create_model, list_models
 from .nn import Involution, Involution1d, Involution2d, Involution3d, convert_official_state_dict
 
 __all__ = [
@@ -10,9 +11,11 @@ __all__ = [
     "Involution2d",
     "Involution3d",
     "convert_official_state_dict",
+    "create_model",
     "functional",
     "involution1d",
     "involution2d",
     "involution3d",
+    "list_models",
 ]
 __version__ = "0.1.0"

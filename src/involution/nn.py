@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,16 @@ OFFICIAL_KEY_PREFIXES = {"conv1.conv.": "reduce.", "conv1.bn.": "norm.", "conv2.
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-_ADAPTIVE_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_AVG_POOL: dict[int, Callable[..., torch.Tensor]] = {
+    1: F.avg_pool1d,
+    2: F.avg_pool2d,
+    3: F.avg_pool3d,
+}
+_ADAPTIVE_POOL: dict[int, Callable[..., torch.Tensor]] = {
+    1: F.adaptive_avg_pool1d,
+    2: F.adaptive_avg_pool2d,
+    3: F.adaptive_avg_pool3d,
+}
 
 
 def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,7 +112,7 @@ class _InvolutionNd(nn.Module):
         self.groups = channels // group_channels
         self.reduction_ratio = reduction_ratio
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         mid = channels // reduction_ratio
         conv = _CONV[n]
         self.reduce = conv(channels, mid, 1, bias=False, **factory)

@@ -54,7 +54,13 @@ def grad_input(
     backend: str,
 ) -> torch.Tensor:
     return implementation(backend).grad_input(
-        grad_out.contiguous(), kernel.contiguous(), input_size, kernel_size, stride, padding, dilation
+        grad_out.contiguous(),
+        kernel.contiguous(),
+        input_size,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
     )
 
 
@@ -120,7 +126,7 @@ involution.register_autograd(_involution_backward, setup_context=_involution_set
 # grad_input is linear in grad_out and in kernel: its adjoints are the forward op (for grad_out)
 # and grad_kernel (for kernel).
 def _grad_input_setup(ctx, inputs, output):
-    grad_out, kernel, input_size, kernel_size, stride, padding, dilation, backend = inputs
+    grad_out, kernel, _input_size, kernel_size, stride, padding, dilation, backend = inputs
     ctx.save_for_backward(grad_out, kernel)
     _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
 
@@ -142,7 +148,7 @@ grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_set
 # grad_kernel is linear in grad_out and in input: its adjoints are the forward op (for grad_out)
 # and grad_input (for input).
 def _grad_kernel_setup(ctx, inputs, output):
-    grad_out, input, kernel_size, stride, padding, dilation, groups, backend = inputs
+    grad_out, input, kernel_size, stride, padding, dilation, _groups, backend = inputs
     ctx.save_for_backward(grad_out, input)
     _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
 

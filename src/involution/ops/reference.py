@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,19 @@ def pad_input(input: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
     return F.pad(input, pad)
 
 
-def tap_slices(
+def tap_index(
     offsets: Sequence[int],
     stride: Sequence[int],
     dilation: Sequence[int],
     out_size: Sequence[int],
-) -> tuple[slice, ...]:
-    """Spatial slices of the padded input that kernel tap ``offsets`` multiplies, one per dim."""
-    return tuple(
-        slice(o * d, o * d + (n - 1) * s + 1, s)
-        for o, s, d, n in zip(offsets, stride, dilation, out_size, strict=True)
+) -> tuple[Any, ...]:
+    """Index of the padded input's pixels that kernel tap ``offsets`` multiplies (all channels)."""
+    return (
+        ...,
+        *(
+            slice(o * d, o * d + (n - 1) * s + 1, s)
+            for o, s, d, n in zip(offsets, stride, dilation, out_size, strict=True)
+        ),
     )
 
 
@@ -53,10 +57,7 @@ def involution(
     out_size = kernel.shape[3:]
     padded = pad_input(input, padding)
     columns = torch.stack(
-        [
-            padded[(..., *tap_slices(o, stride, dilation, out_size))]
-            for o in taps(kernel_size)
-        ],
+        [padded[tap_index(o, stride, dilation, out_size)] for o in taps(kernel_size)],
         dim=2,
     )  # (B, C, K^n, *out): the K^n expansion
     columns = columns.reshape(batch, groups, channels // groups, num_taps, *out_size)
