@@ -2,12 +2,18 @@
 
 ``backend="auto"`` walks ``AUTO_ORDER`` and takes the first backend whose ``can_run_<name>``
 accepts the tensors. An explicit backend that cannot run raises a ``RuntimeError`` saying why.
-The ``reference`` backend is never chosen automatically: it is the tests' oracle.
+The ``reference`` backend is never chosen automatically: it is the tests' oracle. ``triton`` is
+chosen automatically for CUDA tensors only; named explicitly, it also runs CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests run its kernels without a
+GPU. Triton is an optional dependency: it is imported only when the triton backend first runs.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import os
 from types import ModuleType
 
 import torch
@@ -16,8 +22,12 @@ from . import portable
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "torch")
-AUTO_ORDER = ("torch",)
+BACKENDS = ("reference", "torch", "triton")
+AUTO_ORDER = ("triton", "torch")
+# Devices on which "auto" may pick a backend; a backend not listed may run anywhere it accepts.
+_AUTO_DEVICES = {"triton": ("cuda",)}
+# Dtypes the Triton kernels load; they accumulate in float32.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:
@@ -40,8 +50,52 @@ def can_run_torch(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool =
     return True
 
 
-_CAN_RUN = {"reference": can_run_reference, "torch": can_run_torch}
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
+    """The Triton kernels run CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+    They take float32, float16 and bfloat16 (accumulating in float32) and index each
+    (batch, group) row with 32-bit offsets.
+    """
+    device = input.device.type
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not _triton_installed():
+        return _refuse("triton: not installed (pip install 'involution[triton]')", raise_error)
+    if device != "cuda" and not (device == "cpu" and interpreted):
+        hint = " (set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
+        return _refuse(
+            f"triton: input is on {device}{hint if device == 'cpu' else ''}", raise_error
+        )
+    if input.dtype not in TRITON_DTYPES:
+        return _refuse(
+            f"triton: input dtype {input.dtype} is not supported (expected one of "
+            f"{', '.join(str(d) for d in TRITON_DTYPES)})",
+            raise_error,
+        )
+    batch, channels = input.shape[:2]
+    groups = kernel.shape[1]
+    row = max(input[:1].numel(), kernel[:1].numel()) // max(groups, 1)
+    if batch and channels and row >= 2**31:
+        return _refuse(
+            f"triton: one (batch, group) row holds {row} elements; the kernels index rows "
+            "with 32-bit offsets (expected < 2**31)",
+            raise_error,
+        )
+    return True
+
+
+_CAN_RUN = {"reference": can_run_reference, "torch": can_run_torch, "triton": can_run_triton}
 _IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": portable}
+
+
+def _auto_candidate(name: str, input: torch.Tensor, kernel: torch.Tensor) -> bool:
+    devices = _AUTO_DEVICES.get(name)
+    if devices is not None and input.device.type not in devices:
+        return False
+    return _CAN_RUN[name](input, kernel)
 
 
 def choose_backend(input: torch.Tensor, kernel: torch.Tensor, backend: str) -> str:
@@ -52,7 +106,7 @@ def choose_backend(input: torch.Tensor, kernel: torch.Tensor, backend: str) -> s
         RuntimeError: the named backend cannot run these tensors; the message says why.
     """
     if backend == "auto":
-        chosen = next(name for name in AUTO_ORDER if _CAN_RUN[name](input, kernel))
+        chosen = next(name for name in AUTO_ORDER if _auto_candidate(name, input, kernel))
     elif backend in _CAN_RUN:
         _CAN_RUN[backend](input, kernel, raise_error=True)
         chosen = backend
@@ -64,5 +118,11 @@ def choose_backend(input: torch.Tensor, kernel: torch.Tensor, backend: str) -> s
 
 
 def implementation(backend: str) -> ModuleType:
-    """The module holding ``forward``, ``grad_input`` and ``grad_kernel`` of a backend."""
+    """The module holding ``forward``, ``grad_input`` and ``grad_kernel`` of a backend.
+
+    The Triton backend is imported on first use, so that the package imports without Triton and
+    ``TRITON_INTERPRET`` is read when the kernels are compiled, not when the package loads.
+    """
+    if backend not in _IMPLEMENTATIONS and backend == "triton":
+        _IMPLEMENTATIONS["triton"] = importlib.import_module(".triton.launch", __package__)
     return _IMPLEMENTATIONS[backend]

@@ -1,0 +1,202 @@
+"""Exporting models that contain involutions: ONNX and ``torch.export`` programs.
+
+While ``torch.export`` traces a model, :mod:`involution.functional` computes involution with the
+portable backend's plain PyTorch operations instead of the registered custom op, so the exported
+graphs hold standard operators only: an ONNX file runs in any ONNX runtime without a custom
+domain, and a saved ``ExportedProgram`` loads without importing this library. Both keep the batch
+size and the spatial size dynamic.
+
+Each exporter is paired with a check that runs the exported model next to the PyTorch one and
+returns the largest absolute difference of their outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+__all__ = [
+    "STANDARD_ONNX_DOMAINS",
+    "export_onnx",
+    "export_program",
+    "nonstandard_onnx_domains",
+    "onnx_max_abs_diff",
+    "program_max_abs_diff",
+]
+
+logger = logging.getLogger(__name__)
+
+# The default ONNX operator set has two spellings of its domain.
+STANDARD_ONNX_DOMAINS = frozenset({"", "ai.onnx"})
+INPUT_NAME = "images"
+OUTPUT_NAME = "output"
+
+
+def _dynamic_shapes(example: torch.Tensor) -> tuple[dict[int, Any]]:
+    if example.dim() != 4:
+        raise ValueError(
+            f"example input must be (batch, channels, height, width), got {tuple(example.shape)}"
+        )
+    # Batch from 1 up; the spatial range is the one the model's layers allow (inferred).
+    return ({0: Dim("batch", min=1), 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
+
+
+def _max_abs_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    if got.shape != expected.shape:
+        raise RuntimeError(
+            f"exported model returned shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}"
+        )
+    return (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+
+
+def _check_inputs(inputs: Sequence[torch.Tensor]) -> None:
+    if not inputs:
+        raise ValueError("inputs must hold at least one tensor to compare outputs on")
+
+
+def export_program(
+    model: nn.Module, path: str | os.PathLike[str], example: torch.Tensor
+) -> torch.export.ExportedProgram:
+    """Exports ``model`` with ``torch.export`` and saves the program to ``path``.
+
+    Args:
+        model: in eval mode; it takes one (B, C, H, W) tensor.
+        path: file to write (``.pt2`` by convention).
+        example: an input to trace with; batch, height and width stay dynamic.
+
+    Returns:
+        The exported program, as saved.
+    """
+    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(example))
+    torch.export.save(program, path)
+    logger.info("saved the exported program to %s", path)
+    return program
+
+
+def program_max_abs_diff(
+    path: str | os.PathLike[str], model: nn.Module, inputs: Sequence[torch.Tensor]
+) -> float:
+    """Loads the program saved at ``path`` and compares it with ``model`` on each input.
+
+    Returns:
+        The largest absolute difference of the outputs over all inputs.
+    """
+    _check_inputs(inputs)
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        return max(_max_abs_diff(loaded(x), model(x)) for x in inputs)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example: torch.Tensor,
+    opset: int = 18,
+) -> Path:
+    """Exports ``model`` to ONNX with the dynamo-based exporter of ``torch.onnx``.
+
+    The graph has one input ``images`` and one output ``output``, with dynamic batch, height
+    and width, and standard ONNX operators only (checked after writing).
+
+    Args:
+        model: in eval mode; it takes one (B, C, H, W) tensor.
+        path: file to write.
+        example: an input to trace with.
+        opset: ONNX operator set version.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: the ``onnx`` or ``onnxscript`` package is missing (``involution[export]``).
+        RuntimeError: the written graph uses an operator outside the standard domains.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it and onnxscript)
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"ONNX export needs onnx and onnxscript ({error}): pip install 'involution[export]'"
+        ) from error
+    path = Path(path)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=_dynamic_shapes(example),
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    custom = nonstandard_onnx_domains(path)
+    if custom:
+        raise RuntimeError(f"{path} uses operators of non-standard domains {sorted(custom)}")
+    logger.info("wrote %s (opset %d)", path, opset)
+    return path
+
+
+def _nodes(graph: Any) -> Iterator[Any]:
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _nodes(subgraph)
+
+
+def nonstandard_onnx_domains(path: str | os.PathLike[str]) -> set[str]:
+    """Operator domains of the ONNX file at ``path`` outside ``STANDARD_ONNX_DOMAINS``.
+
+    Looks at every node, in subgraphs (If, Loop) and local functions too, and at the declared
+    operator sets.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    domains = {node.domain for node in _nodes(proto.graph)}
+    for function in proto.functions:
+        domains.add(function.domain)
+        domains.update(node.domain for node in function.node)
+    domains.update(opset.domain for opset in proto.opset_import)
+    return domains - STANDARD_ONNX_DOMAINS
+
+
+def onnx_max_abs_diff(
+    path: str | os.PathLike[str], model: nn.Module, inputs: Sequence[torch.Tensor]
+) -> float:
+    """Runs the ONNX file at ``path`` with onnxruntime (CPU) and ``model`` on each input.
+
+    Returns:
+        The largest absolute difference of the outputs over all inputs.
+
+    Raises:
+        ImportError: onnxruntime is missing (``involution[export]``).
+    """
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(
+            "checking ONNX needs onnxruntime: pip install 'involution[export]'"
+        ) from error
+    _check_inputs(inputs)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diffs = []
+    for x in inputs:
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().numpy()})
+        with torch.no_grad():
+            expected = model(x).cpu()
+        diffs.append(_max_abs_diff(torch.from_numpy(got), expected))
+    return max(diffs)

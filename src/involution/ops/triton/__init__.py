@@ -1,0 +1,1 @@
+"""Triton backend of the involution op: ``kernels.py`` (device code) and ``launch.py`` (host)."""
