@@ -19,7 +19,7 @@ from involution.training.checkpoint import load_checkpoint, save_checkpoint
 from training_data import write_cifar10, write_image_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-MODEL = ["--model", "rednet26_cifar", "--model-kwargs", "base_width=16"]
+MODEL = ["--model", "rednet26_cifar", "--model-arg", "base_width=16"]
 EPOCHS = 3
 
 

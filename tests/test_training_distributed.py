@@ -28,7 +28,7 @@ SRC = HERE.parent / "src"
 
 def _train_args(data_dir: Path, out: Path) -> list[str]:
     return [
-        "--model", "resnet26_cifar", "--model-kwargs", "base_width=16", "--data", "cifar10",
+        "--model", "resnet26_cifar", "--model-arg", "base_width=16", "--data", "cifar10",
         "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "2",
         "--batch-size", "2", "--lr", "0.02", "--no-augment", "--seed", "1", "--device", "cpu",
         "--no-tensorboard",

@@ -5,7 +5,7 @@ model.safetensors that ``involution train`` writes) or a training checkpoint (la
 
 Example:
   involution eval --model rednet26_cifar --weights runs/train/model.safetensors --data digits \\
-      --model-kwargs base_width=16
+      --model-arg base_width=16
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from involution.cli.train import add_data_arguments, parse_model_kwargs
+from involution.cli._options import parse_model_args
+from involution.cli.train import add_data_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             download_url=args.download_url,
             download_md5=args.download_md5,
         )
-        kwargs = parse_model_kwargs(args.model_kwargs)
+        kwargs = parse_model_args(args.model_arg)
         if weights.suffix == ".safetensors":
             from involution.models import load_weights
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             collate_fn=collate_skipping_corrupt,
         )
         result = evaluate(model, loader, info, amp_dtype, num_classes=data.num_classes)
-    except (ValueError, FileNotFoundError, CheckpointError, argparse.ArgumentTypeError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         log.error("%s", err)
         return 2
     metrics = {"model": args.model, "weights": str(weights), "data": args.data, **result.as_dict()}

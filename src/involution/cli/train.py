@@ -5,7 +5,7 @@ weight decay 1e-4, cosine schedule with linear warmup, label smoothing 0.1. --ba
 global batch of one optimizer step, split over processes and --grad-accum micro-batches.
 
 Examples:
-  involution train --model rednet26_cifar --data digits --epochs 10 --model-kwargs base_width=16
+  involution train --model rednet26_cifar --data digits --epochs 10 --model-arg base_width=16
   involution train --model rednet26_cifar --data cifar10 --data-dir data --download
   torchrun --nproc_per_node=2 -m involution train --model rednet50 --data folder --data-dir imagenet
   involution train ... --resume auto        # continue from <output-dir>/last.pt
@@ -17,34 +17,13 @@ curves.png, model.safetensors (final weights) and tensorboard/ when TensorBoard 
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
-from typing import Any
 
+from involution.cli._options import parse_model_args
 from involution.training import CheckpointError, NonFiniteLossError, TrainConfig
 from involution.training.config import AMP_DTYPES
 from involution.training.datasets import DATA_KINDS
 from involution.training.optim import OPTIMIZERS
-
-
-def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
-    """``["base_width=16", "drop_rate=0.1"]`` -> ``{"base_width": 16, "drop_rate": 0.1}``.
-
-    Raises:
-        argparse.ArgumentTypeError: an item is not ``KEY=VALUE``.
-    """
-    kwargs: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise argparse.ArgumentTypeError(
-                f"--model-kwargs ({item!r}) must be KEY=VALUE with KEY an identifier"
-            )
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,11 +45,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument(
-        "--model-kwargs",
-        nargs="*",
+        "--model-arg",
+        action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra model arguments, e.g. base_width=16",
+        help="keyword argument of the model builder, e.g. base_width=16 (repeatable)",
     )
 
 
@@ -121,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data,
         data_dir=args.data_dir,
         output_dir=args.output_dir,
-        model_kwargs=parse_model_kwargs(args.model_kwargs),
+        model_kwargs=parse_model_args(args.model_arg),
         pretrained=args.pretrained,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -162,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         where = f"; the last good checkpoint is {err.checkpoint}" if err.checkpoint else ""
         logging.getLogger(__name__).error("%s%s", err, where)
         return 1
-    except (ValueError, FileNotFoundError, CheckpointError, argparse.ArgumentTypeError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         logging.getLogger(__name__).error("%s", err)
         return 2
     if result.output_dir and result.history:
