@@ -174,9 +174,14 @@ def fit(config: TrainConfig) -> FitResult:
     """
     config.check()
     info = setup(config.device)
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         return _fit(config, info)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown()
 
 
