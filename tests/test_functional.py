@@ -192,3 +192,10 @@ def test_nan_and_inf_propagate(backend):
 
 def test_tolerance_table_covers_tested_dtypes():
     assert {torch.float64, torch.float32, torch.bfloat16} <= set(TOLERANCES)
+
+
+def test_meta_tensors_propagate_shapes():
+    x = torch.empty(2, 8, 9, 7, device="meta")
+    w = torch.empty(2, 2, 9, 5, 4, device="meta")
+    out = functional.involution2d(x, w, kernel_size=3, stride=2)
+    assert out.device.type == "meta" and out.shape == (2, 8, 5, 4)

@@ -140,7 +140,8 @@ def _autocast(input: torch.Tensor, kernel: torch.Tensor) -> tuple[torch.Tensor, 
     if not (isinstance(input, torch.Tensor) and isinstance(kernel, torch.Tensor)):
         return input, kernel
     device = input.device.type
-    if not torch.is_autocast_enabled(device):
+    # Devices without autocast (meta, for shape-only passes such as FLOP counting) run as given.
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return input, kernel
     dtype = torch.get_autocast_dtype(device)
 
