@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS = ("rednet26_cifar", "resnet26_cifar")
 
@@ -40,12 +43,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``involution demo``; returns the exit code."""
-    import torch
 
     from involution.models import count_macs
     from involution.training import TrainConfig, fit, load_data
     from involution.training.metrics_log import write_json
-    from involution.training.plots import plot_history, plot_kernels
+    from involution.training.plots import plot_history
 
     start = time.perf_counter()
     out = Path(args.output_dir)
@@ -88,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     plot_history(histories, out / "curves.png")
     test = load_data("digits").test
     if kernel_model is not None:
-        with torch.no_grad():
-            plot_kernels(kernel_model, test[0][0], out / "kernels.png")
+        _plot_demo_kernels(kernel_model, test[0][0], out / "kernels.png")
     write_json(
         {"rows": rows, "table": table, "wall_seconds": time.perf_counter() - start},
         out / "results.json",
@@ -99,3 +100,20 @@ def run(args: argparse.Namespace) -> int:
         f"in {time.perf_counter() - start:.0f} s"
     )
     return 0
+
+
+def _plot_demo_kernels(model: torch.nn.Module, image: torch.Tensor, path: Path) -> None:
+    """The first involution layer's kernels at a few pixels of one test digit (cf. Fig. 2)."""
+    from involution.visualization import capture_kernel, involution_layers, plot_kernels
+
+    model.eval()
+    name, layer = next(iter(involution_layers(model).items()))
+    kernel = capture_kernel(model, name, image.unsqueeze(0))
+    gray = image.float().mean(0)
+    picture = (
+        ((gray - gray.min()) / (gray.max() - gray.min() + 1e-12)).unsqueeze(-1).repeat(1, 1, 3)
+    )
+    size = picture.shape[0]
+    pixels = [(size // 4, size // 4), (size // 2, size // 2), (3 * size // 4, size // 2)]
+    groups = list(range(min(layer.groups, 2)))
+    plot_kernels(picture, kernel, layer.kernel_size, pixels, groups, path, title=f"{name} (demo)")
