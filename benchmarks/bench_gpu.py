@@ -27,6 +27,8 @@ import torch._functorch.config
 import torch.nn.functional as F
 import triton.testing
 
+from involution.benchmark.memory import peak_memory
+from involution.benchmark.op import copy_bandwidth
 from involution.functional import involution2d, output_size
 
 
@@ -144,24 +146,10 @@ def measure(fn: Callable, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> 
     result = {}
     for mode, run in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both)):
         run()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak = peak_memory(run, "cuda") / 2**20
         ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
         result[mode] = (ms, peak)
     return result
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
-    src = torch.empty(2**28, device="cuda", dtype=torch.float32)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    bandwidth = 2 * src.numel() * src.element_size() / ms / 1e6
-    return bandwidth
 
 
 def traffic(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict[str, int]:
@@ -196,7 +184,7 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name}, "
         f"torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}"
     )
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth("cuda", nbytes=1 << 30) / 1e9
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
 
     row_format = "{:<15}| {:<13}| {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>11}"
