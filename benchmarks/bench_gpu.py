@@ -7,7 +7,8 @@ For each involution layer of RedNet-50 (batch 64 by default) and each dtype, pri
 2. forward, backward and forward+backward median times (``triton.testing.do_bench``) and peak
    memory above the inputs for: the reference, the torch backend, ``torch.compile`` of the
    reference, triton, and a cuDNN depthwise convolution of the same kernel size as a yardstick;
-3. triton's achieved bandwidth against a measured device-to-device copy. Bytes counted: forward
+3. the autotuner's time for each strip length of the triton kernels (``ops/triton/kernels.py``);
+4. triton's achieved bandwidth against a measured device-to-device copy. Bytes counted: forward
    reads input and kernel once and writes the output once; backward reads grad_out, input and
    kernel once and writes both gradients once. A copy moves 2 bytes per byte copied.
 
@@ -30,6 +31,7 @@ import triton.testing
 from involution.benchmark.memory import peak_memory
 from involution.benchmark.op import copy_bandwidth
 from involution.functional import involution2d, output_size
+from involution.ops.triton import launch
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,23 @@ def check(layer: Layer, batch: int, dtype: torch.dtype) -> tuple[float, float, f
     return errors  # type: ignore[return-value]
 
 
+def autotune_timings() -> list[str]:
+    """Per triton kernel (forward, grad_input, grad_kernel), the milliseconds the autotuner
+    measured for each strip length ROWS on the last shape it tuned ("ROWS:ms ..."). ROWS = 1
+    is the one-pixel-per-lane kernel, so this compares the register reuse with its absence."""
+    tuners = (launch._forward, launch._grad_input, launch._grad_kernel)
+    cells = []
+    for tuner in tuners:
+        timings = getattr(tuner, "configs_timings", None) or {}
+        cells.append(
+            " ".join(
+                f"{config.kwargs['ROWS']}:{(t[0] if isinstance(t, list) else t):.3f}"
+                for config, t in timings.items()
+            )
+        )
+    return cells
+
+
 def measure(fn: Callable, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict:
     """Median milliseconds and peak MiB above the inputs for fwd, bwd and fwd+bwd."""
     x = x.detach().requires_grad_()
@@ -190,14 +209,21 @@ def main() -> None:
     row_format = "{:<15}| {:<13}| {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>11}"
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        rows = []
+        rows, tuning_rows = [], []
         for layer in layers:
+            # The first triton call on a shape autotunes it, so the timings belong to this layer.
             errors = check(layer, args.batch, dtype)
             rows.append([layer.name, *(f"{e:.1e}" for e in errors)])
+            tuning_rows.append([layer.name, *autotune_timings()])
         print_table(
             f"[{dtype_name}] triton vs float64 reference: max |error| / max |reference|",
             ["layer", "out", "grad_input", "grad_kernel"],
             rows,
+        )
+        print_table(
+            f"[{dtype_name}] autotuning: median ms per strip length ROWS (1 = no register reuse)",
+            ["layer", "forward", "grad_input", "grad_kernel"],
+            tuning_rows,
         )
 
         print(f"\n[{dtype_name}] median ms (do_bench) and peak MiB above the inputs")

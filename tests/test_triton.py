@@ -22,7 +22,10 @@ from involution.functional import (
 )
 from involution.ops import dispatch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'involution[triton]')")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed (pip install 'involution[triton]')"
+)
+from involution.ops.triton import launch  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_interpreter = pytest.mark.skipif(
@@ -119,6 +122,18 @@ def test_3d():
 @needs_interpreter
 def test_batch_zero():
     assert_matches_reference(2, torch.float32, "cpu", 0, 4, 2, (5, 5), 3, 1, 1, None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", launch.STRIP_ROWS)
+def test_every_strip_length(rows, monkeypatch):
+    """The strip lengths the GPU autotuner may pick, forced one at a time."""
+    config = triton.Config({"BLOCK_P": 16, "ROWS": rows}, num_warps=1)
+    for tuner in (launch._forward, launch._grad_input, launch._grad_kernel):
+        monkeypatch.setattr(tuner, "configs", [config])
+    for case in (CASES_2D[1], CASES_2D[2], CASES_2D[4]):
+        assert_matches_reference(2, torch.float32, "cpu", *case)
+    assert_matches_reference(3, torch.float32, "cpu", 1, 4, 2, (5, 6, 7), 3, (1, 2, 1), 1, None)
 
 
 @needs_interpreter

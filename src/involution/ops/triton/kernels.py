@@ -2,21 +2,27 @@
 
 Every kernel is written for three spatial dimensions; 1D and 2D problems reach them through an
 exact reshape that gives the missing dimensions size 1 and kernel size 1 (see ``launch.py``).
-Tensors are contiguous and viewed per (batch, group) row ``n`` in ``[0, B * G)``::
+Tensors are contiguous and viewed per (batch, group) row ``n`` in ``[0, NR)``, ``NR = B * G``::
 
-    x   (B*G, Cg, D, H, W)          input, Cg = C // G channels per group
-    w   (B*G, T, OD, OH, OW)        per-pixel kernel, T = KD * KH * KW taps in row-major order
-    y   (B*G, Cg, OD, OH, OW)       output
+    x   (NR, CG, D, H, W)          input, CG = C // G channels per group
+    w   (NR, T, OD, OH, OW)        per-pixel kernel, T = KD * KH * KW taps in row-major order
+    y   (NR, CG, OD, OH, OW)       output
 
-Each program owns one row ``n`` and a block of BLOCK_P flattened pixels, loops over the group's
-channels BLOCK_C at a time and over the taps with compile-time loops, and accumulates in float32.
-Tiles are (BLOCK_P, BLOCK_C), pixels first: each thread holds the BLOCK_C channels of its pixel,
-so one kernel value serves them all from a register, and consecutive lanes touch consecutive
-pixels, so every load is coalesced.
+Work split. A program takes BLOCK_P lanes of the flattened (row ``n``, pixel) index space, so
+small images still fill whole programs. Each lane owns ROWS vertically adjacent pixels of one
+column (a "strip") and the BLOCK_C channels of a chunk of its group, in registers; consecutive
+lanes hold consecutive columns, so every load is coalesced. Taps and strip rows are compile-time
+loops; accumulation is in float32.
+
+Register reuse. A strip's ROWS output pixels read overlapping input rows: for one column offset
+``kw``, output row ``r`` and tap row ``kh`` read input row ``r * SH + kh * DH`` of the strip's
+window. Each distinct input row is loaded once and used for every (r, kh) pair that reads it, so a
+strip of ROWS rows with a 7x7 kernel loads ROWS + 6 input rows per column offset instead of
+ROWS * 7. ROWS = 1 is the plain one-pixel-per-lane kernel; the autotuner chooses.
+
 No program writes where another one does, so there are no atomics and results are
 deterministic: the input gradient is a gather over taps (each input pixel collects from the
-output pixels that read it), the kernel gradient sums over the group's channels inside the
-program.
+output pixels that read it), the kernel gradient sums over the group's channels inside the lane.
 
 The channel count per group ``CG`` is a compile-time constant, like the geometry: a network
 compiles one variant per group width (RedNet: 16), and the channel loops get a known trip count.
@@ -32,22 +38,63 @@ import triton.language as tl
 # their register layout would differ from the gathers' and every tap would pay a layout conversion
 # through shared memory. With every access scalar, all share one layout (measured on an H200:
 # 6x faster forward than with the vectorized kernel loads).
-_SIZES = ["D", "H", "W", "OD", "OH", "OW"]
+_SIZES = ["NR", "D", "H", "W", "OD", "OH", "OW"]
 
 
 @triton.jit
-def _split_index(p, OH, OW):
-    """Flattened pixel index -> (depth, row, column)."""
-    col = p % OW
-    rest = p // OW
-    return rest // OH, rest % OH, col
+def _lanes(NR, Q, BLOCK_P: tl.constexpr):
+    """Row index (int64) and position in the row of each lane; lanes past the last row have
+    ``n >= NR``. The program's first row is found once in 64 bits; lanes step from it in 32."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK_P
+    first = start // Q
+    local = (start - first * Q).to(tl.int32) + tl.arange(0, BLOCK_P)
+    return first + local // Q, local % Q
+
+
+@triton.jit
+def _strips(q, OH, OW, ROWS: tl.constexpr):
+    """Position in a row -> (depth, first row, column) of the lane's strip of ROWS rows."""
+    col = q % OW
+    rest = q // OW
+    strips = tl.cdiv(OH, ROWS)
+    return rest // strips, (rest % strips) * ROWS, col
+
+
+@triton.jit
+def _add_at(values, index: tl.constexpr, addend):
+    """``values`` with ``addend`` added to entry ``index`` (tuples are immutable in Triton)."""
+    # Triton's frontend concatenates tuples but does not unpack them into a new one.
+    return values[:index] + (values[index] + addend,) + values[index + 1 :]  # noqa: RUF005
+
+
+@triton.jit
+def _zeros(count: tl.constexpr, shape: tl.constexpr):
+    values = ()
+    for _ in tl.static_range(count):
+        values = values + (tl.zeros(shape, dtype=tl.float32),)  # type: ignore[assignment]  # noqa: RUF005
+    return values
+
+
+@triton.jit
+def _load_strip(row, c, CG: tl.constexpr, OD, OH, OW, od, oh0, ow, in_n, ROWS: tl.constexpr):
+    """The (lane, channel) tiles of a row-contiguous (channel, pixel) tensor at the ROWS pixels
+    of each lane's strip, as float32."""
+    P = OD * OH * OW
+    tiles = ()
+    for r in tl.static_range(ROWS):
+        pix = (od * OH + oh0 + r) * OW + ow
+        mask = (in_n & (oh0 + r < OH))[:, None] & (c < CG)[None, :]
+        tile = tl.load(row[:, None] + c[None, :] * P + pix[:, None], mask=mask, other=0.0)
+        tiles = tiles + (tile.to(tl.float32),)  # type: ignore[assignment]  # noqa: RUF005
+    return tiles
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def involution_forward_kernel(
-    x_ptr,  # (B*G, Cg, D, H, W)
-    w_ptr,  # (B*G, T, OD, OH, OW)
-    y_ptr,  # (B*G, Cg, OD, OH, OW)
+    x_ptr,  # (NR, CG, D, H, W)
+    w_ptr,  # (NR, T, OD, OH, OW)
+    y_ptr,  # (NR, CG, OD, OH, OW)
+    NR,
     CG: tl.constexpr,
     D,
     H,
@@ -69,51 +116,59 @@ def involution_forward_kernel(
     DW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     P = OD * OH * OW
-    blocks = tl.cdiv(P, BLOCK_P)
-    pid = tl.program_id(0)
-    n = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < P
-    od, oh, ow = _split_index(p, OH, OW)
-    T: tl.constexpr = KD * KH * KW
-    x_row = x_ptr + n * CG * D * H * W
-    w_row = w_ptr + n * T * P
-    y_row = y_ptr + n * CG * P
+    n, q = _lanes(NR, OD * tl.cdiv(OH, ROWS) * OW, BLOCK_P)
+    in_n = n < NR
+    od, oh0, ow = _strips(q, OH, OW, ROWS)
+    x_row = x_ptr + n * (CG * D * H * W)
+    w_row = w_ptr + n * (KD * KH * KW * P)
+    y_row = y_ptr + n * (CG * P)
+    # Input rows of the strip's window: output row r, tap row kh -> window row r * SH + kh * DH.
+    SPAN: tl.constexpr = (ROWS - 1) * SH + (KH - 1) * DH + 1
     for c0 in range(0, CG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < CG
-        x_chan = x_row + c[None, :] * (D * H * W)
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        x_chan = x_row[:, None] + c[None, :] * (D * H * W)
+        acc = _zeros(ROWS, (BLOCK_P, BLOCK_C))
         for kd in tl.static_range(KD):
             i_d = od * SD - PD + kd * DD
-            ok_d = in_p & (i_d >= 0) & (i_d < D)
-            for kh in tl.static_range(KH):
-                i_h = oh * SH - PH + kh * DH
-                ok_h = ok_d & (i_h >= 0) & (i_h < H)
-                for kw in tl.static_range(KW):
-                    i_w = ow * SW - PW + kw * DW
-                    ok = ok_h & (i_w >= 0) & (i_w < W)
-                    tap = (kd * KH + kh) * KW + kw
-                    wv = tl.load(w_row + tap * P + p, mask=in_p, other=0.0).to(tl.float32)
+            ok_d = in_n & (i_d >= 0) & (i_d < D)
+            for kw in tl.static_range(KW):
+                i_w = ow * SW - PW + kw * DW
+                ok_w = ok_d & (i_w >= 0) & (i_w < W)
+                for j in tl.static_range(SPAN):
+                    i_h = oh0 * SH - PH + j
+                    ok = ok_w & (i_h >= 0) & (i_h < H)
                     offset = (i_d * H + i_h) * W + i_w
                     xv = tl.load(
                         x_chan + offset[:, None], mask=ok[:, None] & in_c[None, :], other=0.0
                     ).to(tl.float32)
-                    acc += xv * wv[:, None]
-        tl.store(
-            y_row + c[None, :] * P + p[:, None],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=in_p[:, None] & in_c[None, :],
-        )
+                    for r in tl.static_range(ROWS):
+                        for kh in tl.static_range(KH):
+                            if r * SH + kh * DH == j:
+                                tap = (kd * KH + kh) * KW + kw
+                                pix = (od * OH + oh0 + r) * OW + ow
+                                wv = tl.load(
+                                    w_row + tap * P + pix, mask=in_n & (oh0 + r < OH), other=0.0
+                                ).to(tl.float32)
+                                acc = _add_at(acc, r, xv * wv[:, None])
+        for r in tl.static_range(ROWS):
+            pix = (od * OH + oh0 + r) * OW + ow
+            tl.store(
+                y_row[:, None] + c[None, :] * P + pix[:, None],
+                acc[r].to(y_ptr.dtype.element_ty),
+                mask=(in_n & (oh0 + r < OH))[:, None] & in_c[None, :],
+            )
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def involution_grad_input_kernel(
-    gy_ptr,  # (B*G, Cg, OD, OH, OW)
-    w_ptr,  # (B*G, T, OD, OH, OW)
-    gx_ptr,  # (B*G, Cg, D, H, W)
+    gy_ptr,  # (NR, CG, OD, OH, OW)
+    w_ptr,  # (NR, T, OD, OH, OW)
+    gx_ptr,  # (NR, CG, D, H, W)
+    NR,
     CG: tl.constexpr,
     D,
     H,
@@ -135,78 +190,83 @@ def involution_grad_input_kernel(
     DW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # Output pixel o reads input pixel i = o * S - PAD + k * DIL, so tap k reaches i from
-    # o = (i + PAD - k * DIL) / S when that divides exactly. Each program takes the input pixels
-    # of one residue class r = i mod S per dimension: whether a tap reaches them is then one
-    # decision for the whole program, and strided layers skip the taps that cannot contribute.
+    # o = (i + PAD - k * DIL) / S when that divides exactly. Lanes index the input on the
+    # quotient grid i = res + q * S, and the program walks the S residues `res` per dimension
+    # at compile time: which taps reach a residue, and at which output offset
+    # e = (res + PAD - k * DIL) / S, is then known when the kernel compiles.
     QD = tl.cdiv(D, SD)
     QH = tl.cdiv(H, SH)
     QW = tl.cdiv(W, SW)
-    Q = QD * QH * QW
     P = OD * OH * OW
-    blocks = tl.cdiv(Q, BLOCK_P)
-    pid = tl.program_id(0)
-    block = pid % blocks
-    rest = pid // blocks
-    r_w = rest % SW
-    rest = rest // SW
-    r_h = rest % SH
-    rest = rest // SH
-    r_d = rest % SD
-    n = (rest // SD).to(tl.int64)
-    q = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    q_d, q_h, q_w = _split_index(q, QH, QW)
-    i_d = r_d + q_d * SD
-    i_h = r_h + q_h * SH
-    i_w = r_w + q_w * SW
-    in_q = (q < Q) & (i_d < D) & (i_h < H) & (i_w < W)
-    T: tl.constexpr = KD * KH * KW
-    gy_row = gy_ptr + n * CG * P
-    w_row = w_ptr + n * T * P
-    gx_row = gx_ptr + n * CG * D * H * W
-    for c0 in range(0, CG, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < CG
-        gy_chan = gy_row + c[None, :] * P
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for kd in tl.static_range(KD):
-            num_d = r_d + PD - kd * DD
-            if num_d % SD == 0:
-                o_d = q_d + num_d // SD
-                ok_d = in_q & (o_d >= 0) & (o_d < OD)
-                for kh in tl.static_range(KH):
-                    num_h = r_h + PH - kh * DH
-                    if num_h % SH == 0:
-                        o_h = q_h + num_h // SH
-                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
-                        for kw in tl.static_range(KW):
-                            num_w = r_w + PW - kw * DW
-                            if num_w % SW == 0:
-                                o_w = q_w + num_w // SW
-                                ok = ok_h & (o_w >= 0) & (o_w < OW)
-                                tap = (kd * KH + kh) * KW + kw
-                                o = (o_d * OH + o_h) * OW + o_w
-                                wv = tl.load(w_row + tap * P + o, mask=ok, other=0.0)
-                                gv = tl.load(
-                                    gy_chan + o[:, None],
-                                    mask=in_c[None, :] & ok[:, None],
-                                    other=0.0,
-                                )
-                                acc += gv.to(tl.float32) * wv.to(tl.float32)[:, None]
-        i = (i_d * H + i_h) * W + i_w
-        tl.store(
-            gx_row + c[None, :] * (D * H * W) + i[:, None],
-            acc.to(gx_ptr.dtype.element_ty),
-            mask=in_c[None, :] & in_q[:, None],
-        )
+    n, q = _lanes(NR, QD * tl.cdiv(QH, ROWS) * QW, BLOCK_P)
+    in_n = n < NR
+    q_d, q_h0, q_w = _strips(q, QH, QW, ROWS)
+    gy_row = gy_ptr + n * (CG * P)
+    w_row = w_ptr + n * (KD * KH * KW * P)
+    gx_row = gx_ptr + n * (CG * D * H * W)
+    # Output rows of the strip: input row r and tap row kh (of residue res_h) read output row
+    # q_h0 + r + e_h(kh), with e_h from LO_H (last tap) to HI_H (first tap).
+    LO_H: tl.constexpr = -((KH - 1) * DH // SH) - 1
+    HI_H: tl.constexpr = (SH - 1 + PH) // SH
+    residue = tl.program_id(1)
+    for res_d in tl.static_range(SD):
+        for res_h in tl.static_range(SH):
+            for res_w in tl.static_range(SW):
+                if residue == (res_d * SH + res_h) * SW + res_w:
+                    i_d = res_d + q_d * SD
+                    i_w = res_w + q_w * SW
+                    for c0 in range(0, CG, BLOCK_C):
+                        c = c0 + tl.arange(0, BLOCK_C)
+                        in_c = c < CG
+                        gy_chan = gy_row[:, None] + c[None, :] * P
+                        acc = _zeros(ROWS, (BLOCK_P, BLOCK_C))
+                        for kd in tl.static_range(KD):
+                            if (res_d + PD - kd * DD) % SD == 0:
+                                o_d = q_d + (res_d + PD - kd * DD) // SD
+                                ok_d = in_n & (o_d >= 0) & (o_d < OD)
+                                for kw in tl.static_range(KW):
+                                    if (res_w + PW - kw * DW) % SW == 0:
+                                        o_w = q_w + (res_w + PW - kw * DW) // SW
+                                        ok_w = ok_d & (o_w >= 0) & (o_w < OW)
+                                        for j in tl.static_range(LO_H, ROWS + HI_H):
+                                            o_h = q_h0 + j
+                                            ok = ok_w & (o_h >= 0) & (o_h < OH)
+                                            o = (o_d * OH + o_h) * OW + o_w
+                                            gv = tl.load(
+                                                gy_chan + o[:, None],
+                                                mask=ok[:, None] & in_c[None, :],
+                                                other=0.0,
+                                            ).to(tl.float32)
+                                            for r in tl.static_range(ROWS):
+                                                for kh in tl.static_range(KH):
+                                                    # Tap row kh takes input row r from
+                                                    # output row j: r*S = j*S - (res+PAD-kh*DIL).
+                                                    if r * SH + res_h + PH - kh * DH == j * SH:
+                                                        tap = (kd * KH + kh) * KW + kw
+                                                        wv = tl.load(
+                                                            w_row + tap * P + o, mask=ok, other=0.0
+                                                        ).to(tl.float32)
+                                                        acc = _add_at(acc, r, gv * wv[:, None])
+                        for r in tl.static_range(ROWS):
+                            i_h = res_h + (q_h0 + r) * SH
+                            i = (i_d * H + i_h) * W + i_w
+                            inside = in_n & (i_d < D) & (i_h < H) & (i_w < W) & (q_h0 + r < QH)
+                            tl.store(
+                                gx_row[:, None] + c[None, :] * (D * H * W) + i[:, None],
+                                acc[r].to(gx_ptr.dtype.element_ty),
+                                mask=inside[:, None] & in_c[None, :],
+                            )
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def involution_grad_kernel_kernel(
-    gy_ptr,  # (B*G, Cg, OD, OH, OW)
-    x_ptr,  # (B*G, Cg, D, H, W)
-    gw_ptr,  # (B*G, T, OD, OH, OW)
+    gy_ptr,  # (NR, CG, OD, OH, OW)
+    x_ptr,  # (NR, CG, D, H, W)
+    gw_ptr,  # (NR, T, OD, OH, OW)
+    NR,
     CG: tl.constexpr,
     D,
     H,
@@ -228,59 +288,57 @@ def involution_grad_kernel_kernel(
     DW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     P = OD * OH * OW
-    blocks = tl.cdiv(P, BLOCK_P)
-    pid = tl.program_id(0)
-    n = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < P
-    od, oh, ow = _split_index(p, OH, OW)
-    T: tl.constexpr = KD * KH * KW
-    x_row = x_ptr + n * CG * D * H * W
-    gy_row = gy_ptr + n * CG * P
-    gw_row = gw_ptr + n * T * P
-    c = tl.arange(0, BLOCK_C)
-    if CG <= BLOCK_C:
-        # One chunk holds the group: grad_out stays in registers across the taps.
-        gv_all = tl.load(
-            gy_row + c[None, :] * P + p[:, None],
-            mask=(c < CG)[None, :] & in_p[:, None],
-            other=0.0,
-        ).to(tl.float32)
+    n, q = _lanes(NR, OD * tl.cdiv(OH, ROWS) * OW, BLOCK_P)
+    in_n = n < NR
+    od, oh0, ow = _strips(q, OH, OW, ROWS)
+    x_row = x_ptr + n * (CG * D * H * W)
+    gy_row = gy_ptr + n * (CG * P)
+    gw_row = gw_ptr + n * (KD * KH * KW * P)
+    SPAN: tl.constexpr = (ROWS - 1) * SH + (KH - 1) * DH + 1
+    # When one chunk holds the group, grad_out stays in registers across all taps.
+    RESIDENT: tl.constexpr = CG <= BLOCK_C
+    if RESIDENT:
+        gy_group = _load_strip(
+            gy_row, tl.arange(0, BLOCK_C), CG, OD, OH, OW, od, oh0, ow, in_n, ROWS
+        )
     for kd in tl.static_range(KD):
         i_d = od * SD - PD + kd * DD
-        ok_d = in_p & (i_d >= 0) & (i_d < D)
-        for kh in tl.static_range(KH):
-            i_h = oh * SH - PH + kh * DH
-            ok_h = ok_d & (i_h >= 0) & (i_h < H)
-            for kw in tl.static_range(KW):
-                i_w = ow * SW - PW + kw * DW
-                ok = ok_h & (i_w >= 0) & (i_w < W)
-                offset = (i_d * H + i_h) * W + i_w
-                if CG <= BLOCK_C:
+        ok_d = in_n & (i_d >= 0) & (i_d < D)
+        for kw in tl.static_range(KW):
+            i_w = ow * SW - PW + kw * DW
+            ok_w = ok_d & (i_w >= 0) & (i_w < W)
+            # One sum per (strip row r, tap row kh), index r * KH + kh, over the group's channels.
+            acc = _zeros(ROWS * KH, (BLOCK_P,))
+            for c0 in range(0, CG, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                in_c = c < CG
+                if RESIDENT:
+                    gy = gy_group
+                else:
+                    gy = _load_strip(gy_row, c, CG, OD, OH, OW, od, oh0, ow, in_n, ROWS)
+                for j in tl.static_range(SPAN):
+                    i_h = oh0 * SH - PH + j
+                    ok = ok_w & (i_h >= 0) & (i_h < H)
+                    offset = (i_d * H + i_h) * W + i_w
                     xv = tl.load(
-                        x_row + c[None, :] * (D * H * W) + offset[:, None],
-                        mask=(c < CG)[None, :] & ok[:, None],
+                        x_row[:, None] + c[None, :] * (D * H * W) + offset[:, None],
+                        mask=ok[:, None] & in_c[None, :],
                         other=0.0,
                     ).to(tl.float32)
-                    total = tl.sum(gv_all * xv, axis=1)
-                else:
-                    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-                    for c0 in range(0, CG, BLOCK_C):
-                        cc = c0 + c
-                        in_c = cc < CG
-                        gv = tl.load(
-                            gy_row + cc[None, :] * P + p[:, None],
-                            mask=in_c[None, :] & in_p[:, None],
-                            other=0.0,
-                        ).to(tl.float32)
-                        xv = tl.load(
-                            x_row + cc[None, :] * (D * H * W) + offset[:, None],
-                            mask=in_c[None, :] & ok[:, None],
-                            other=0.0,
-                        ).to(tl.float32)
-                        acc += gv * xv
-                    total = tl.sum(acc, axis=1)
-                tap = (kd * KH + kh) * KW + kw
-                tl.store(gw_row + tap * P + p, total.to(gw_ptr.dtype.element_ty), mask=in_p)
+                    for r in tl.static_range(ROWS):
+                        for kh in tl.static_range(KH):
+                            if r * SH + kh * DH == j:
+                                total = tl.sum(gy[r] * xv, axis=1)
+                                acc = _add_at(acc, r * KH + kh, total)
+            for r in tl.static_range(ROWS):
+                pix = (od * OH + oh0 + r) * OW + ow
+                for kh in tl.static_range(KH):
+                    tap = (kd * KH + kh) * KW + kw
+                    tl.store(
+                        gw_row + tap * P + pix,
+                        acc[r * KH + kh].to(gw_ptr.dtype.element_ty),
+                        mask=in_n & (oh0 + r < OH),
+                    )

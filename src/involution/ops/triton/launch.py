@@ -8,10 +8,11 @@ dilation 1, which only adds views, never copies.
 Inputs arrive contiguous in NCHW order: the op (``ops/_library.py``) calls ``.contiguous()``,
 so a channels_last input costs one extra read and write of the tensor before the kernel runs.
 
-Block sizes are autotuned per shape (``triton.autotune`` keyed on the channel count per group
-and the spatial sizes) over a few configurations; under ``TRITON_INTERPRET=1`` a single small
-configuration is used, so that the interpreter runs each kernel once and exercises the loops
-over channel chunks and pixel blocks even on small test shapes.
+The strip length ROWS (see ``kernels.py``) is autotuned per shape (``triton.autotune`` keyed on
+the number of (batch, group) rows, the channel count per group and the spatial sizes) over three
+configurations; under ``TRITON_INTERPRET=1`` a single small configuration is used, so that the
+interpreter runs each kernel once and exercises the loops over channel chunks, strips and
+programs spanning several rows even on small test shapes.
 """
 
 from __future__ import annotations
@@ -32,29 +33,24 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # channels per group, so one chunk covers a group and each kernel value is read once.
 _MAX_BLOCK_C = 4 if _INTERPRETED else 16
 
+# Strip lengths the autotuner tries on a GPU (the tests run each under the interpreter). Longer
+# strips load fewer input rows per output but hold more registers: ptxas for sm_90 at K = 7 with
+# 16 channels per group gives 96-150 registers at ROWS = 1 and up to 215 at ROWS = 3, without
+# spills; ROWS = 4 spilled at stride 2 and at K = 9, so it is left out.
+STRIP_ROWS = (1, 2, 3)
+
 if _INTERPRETED:
-    _CONFIGS = [triton.Config({"BLOCK_P": 32}, num_warps=1)]
+    # Three rows per strip, so that strips overhang the image edge on the small test shapes.
+    _CONFIGS = [triton.Config({"BLOCK_P": 32, "ROWS": 3}, num_warps=1)]
 else:
-    # One pixel per thread and BLOCK_C channels in its registers, or two pixels per thread.
-    _CONFIGS = [
-        triton.Config({"BLOCK_P": 64}, num_warps=2),
-        triton.Config({"BLOCK_P": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 256}, num_warps=4),
-    ]
-_KEY = ["CG", "D", "H", "W", "OD", "OH", "OW"]
-
-
-def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
-    """Drops blocks larger than the image, so that small layers compile a single config."""
-    pixels = named_args["OD"] * named_args["OH"] * named_args["OW"]
-    limit = max(triton.next_power_of_2(pixels), configs[0].kwargs["BLOCK_P"])
-    return [c for c in configs if c.kwargs["BLOCK_P"] <= limit]
+    # One lane per strip column, 128 lanes per program; ROWS = 1 is the plain
+    # one-pixel-per-lane kernel.
+    _CONFIGS = [triton.Config({"BLOCK_P": 128, "ROWS": rows}, num_warps=4) for rows in STRIP_ROWS]
+_KEY = ["NR", "CG", "D", "H", "W", "OD", "OH", "OW"]
 
 
 def _autotuned(kernel: Callable) -> Any:
-    return triton.autotune(
-        configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
-    )(kernel)
+    return triton.autotune(configs=_CONFIGS, key=_KEY)(kernel)
 
 
 _forward = _autotuned(kernels.involution_forward_kernel)
@@ -79,21 +75,28 @@ def _launch(
     padding: Sequence[int],
     dilation: Sequence[int],
     rows: int,
-    pixels: int,
+    grid_size: Sequence[int],
+    residues: int = 1,
 ) -> torch.Tensor:
-    """Runs ``kernel`` over ``rows`` (batch, group) rows of ``pixels`` pixels each."""
+    """Runs ``kernel`` over ``rows`` (batch, group) rows, each a ``grid_size`` grid of lanes
+    (output pixels, or input pixels on the quotient grid) cut into strips of ROWS rows, once
+    per residue of the input modulo the stride (``grad_input``; 1 for the others)."""
     if out.numel() == 0:
         return out
     ks, st = _to_3d(kernel_size, 1), _to_3d(stride, 1)
     pad, dil = _to_3d(padding, 0), _to_3d(dilation, 1)
 
-    def grid(meta: dict) -> tuple[int]:
-        return (rows * triton.cdiv(pixels, meta["BLOCK_P"]),)
+    depth, height, width = _to_3d(grid_size, 1)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        lanes = rows * depth * triton.cdiv(height, meta["ROWS"]) * width
+        return (triton.cdiv(lanes, meta["BLOCK_P"]), residues)
 
     kernel[grid](
         first,
         second,
         out,
+        rows,
         channels_per_group,
         *_to_3d(input_size, 1),
         *_to_3d(out_size, 1),
@@ -139,7 +142,7 @@ def forward(
         padding,
         dilation,
         rows=batch * groups,
-        pixels=math.prod(out_size),
+        grid_size=out_size,
     )
 
 
@@ -167,9 +170,10 @@ def grad_input(
         stride,
         padding,
         dilation,
-        # One program row per (batch, group) and residue class of the input pixels modulo stride.
-        rows=batch * groups * math.prod(stride),
-        pixels=math.prod(-(-n // s) for n, s in zip(input_size, stride, strict=True)),
+        # Lanes walk the input on the quotient grid; programs along axis 1 take one residue each.
+        rows=batch * groups,
+        grid_size=[-(-n // s) for n, s in zip(input_size, stride, strict=True)],
+        residues=math.prod(stride),
     )
 
 
@@ -198,5 +202,5 @@ def grad_kernel(
         padding,
         dilation,
         rows=batch * groups,
-        pixels=math.prod(out_size),
+        grid_size=out_size,
     )
