@@ -76,14 +76,20 @@ def _zeros(count: tl.constexpr, shape: tl.constexpr):
 
 
 @triton.jit
+def _strip_pixel(od, oh0, ow, r: tl.constexpr, OH, OW, in_n):
+    """Flattened output pixel of row ``r`` of each lane's strip, and whether it exists."""
+    return (od * OH + oh0 + r) * OW + ow, in_n & (oh0 + r < OH)
+
+
+@triton.jit
 def _load_strip(row, c, CG: tl.constexpr, OD, OH, OW, od, oh0, ow, in_n, ROWS: tl.constexpr):
     """The (lane, channel) tiles of a row-contiguous (channel, pixel) tensor at the ROWS pixels
     of each lane's strip, as float32."""
     P = OD * OH * OW
     tiles = ()
     for r in tl.static_range(ROWS):
-        pix = (od * OH + oh0 + r) * OW + ow
-        mask = (in_n & (oh0 + r < OH))[:, None] & (c < CG)[None, :]
+        pix, valid = _strip_pixel(od, oh0, ow, r, OH, OW, in_n)
+        mask = valid[:, None] & (c < CG)[None, :]
         tile = tl.load(row[:, None] + c[None, :] * P + pix[:, None], mask=mask, other=0.0)
         tiles = tiles + (tile.to(tl.float32),)  # type: ignore[assignment]  # noqa: RUF005
     return tiles
@@ -149,17 +155,17 @@ def involution_forward_kernel(
                         for kh in tl.static_range(KH):
                             if r * SH + kh * DH == j:
                                 tap = (kd * KH + kh) * KW + kw
-                                pix = (od * OH + oh0 + r) * OW + ow
-                                wv = tl.load(
-                                    w_row + tap * P + pix, mask=in_n & (oh0 + r < OH), other=0.0
-                                ).to(tl.float32)
+                                pix, valid = _strip_pixel(od, oh0, ow, r, OH, OW, in_n)
+                                wv = tl.load(w_row + tap * P + pix, mask=valid, other=0.0).to(
+                                    tl.float32
+                                )
                                 acc = _add_at(acc, r, xv * wv[:, None])
         for r in tl.static_range(ROWS):
-            pix = (od * OH + oh0 + r) * OW + ow
+            pix, valid = _strip_pixel(od, oh0, ow, r, OH, OW, in_n)
             tl.store(
                 y_row[:, None] + c[None, :] * P + pix[:, None],
                 acc[r].to(y_ptr.dtype.element_ty),
-                mask=(in_n & (oh0 + r < OH))[:, None] & in_c[None, :],
+                mask=valid[:, None] & in_c[None, :],
             )
 
 
@@ -334,11 +340,11 @@ def involution_grad_kernel_kernel(
                                 total = tl.sum(gy[r] * xv, axis=1)
                                 acc = _add_at(acc, r * KH + kh, total)
             for r in tl.static_range(ROWS):
-                pix = (od * OH + oh0 + r) * OW + ow
+                pix, valid = _strip_pixel(od, oh0, ow, r, OH, OW, in_n)
                 for kh in tl.static_range(KH):
                     tap = (kd * KH + kh) * KW + kw
                     tl.store(
                         gw_row + tap * P + pix,
                         acc[r * KH + kh].to(gw_ptr.dtype.element_ty),
-                        mask=in_n & (oh0 + r < OH),
+                        mask=valid,
                     )
