@@ -13,6 +13,7 @@ check their arguments, choose a backend (see ``ops/dispatch.py``) and call the r
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -23,49 +24,82 @@ from .ops.dispatch import choose_backend
 __all__ = ["involution1d", "involution2d", "involution3d", "output_size", "resolve_geometry"]
 
 IntOrTuple = int | Sequence[int]
+# What a padding argument may be: an int or tuple, "same", "valid", or None (meaning "same").
+Padding = IntOrTuple | str | None
+PADDING_MODES = ("same", "valid")
+
+
+def _as_int(value: object, name: str) -> int:
+    """``value`` as a Python int: ints and integer scalars (numpy, 0-dim tensors) pass.
+
+    Raises:
+        TypeError: a bool, a float or any other non-integer, naming ``name``.
+    """
+    # bool is an int subclass: Involution(64, True, 3) must not mean 1 output channel.
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"{name} ({value!r}) must be an int, got {type(value).__name__}")
 
 
 def _ntuple(value: IntOrTuple, n: int, name: str, minimum: int) -> tuple[int, ...]:
     values = tuple(value) if isinstance(value, Sequence) else (value,) * n
-    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if len(values) != n:
         raise TypeError(f"{name} ({value!r}) must be an int or a tuple of {n} ints")
-    if any(v < minimum for v in values):
+    try:
+        ints = tuple(_as_int(v, name) for v in values)
+    except TypeError:
+        raise TypeError(f"{name} ({value!r}) must be an int or a tuple of {n} ints") from None
+    if any(v < minimum for v in ints):
         raise ValueError(f"{name} ({value!r}) must be >= {minimum}")
-    return values
+    return ints
 
 
 def resolve_geometry(
     n: int,
     kernel_size: IntOrTuple,
     stride: IntOrTuple = 1,
-    padding: IntOrTuple | None = None,
+    padding: Padding = None,
     dilation: IntOrTuple = 1,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Checks and expands the geometry arguments of an ``n``-dimensional involution.
 
-    ``padding=None`` means "same" padding ``dilation * (kernel_size - 1) // 2``, which needs an
-    odd kernel size; an even kernel size needs an explicit padding.
+    ``padding`` is an int or a tuple of ``n`` ints, or a mode as in ``nn.Conv2d``: ``"valid"``
+    is 0 and ``"same"`` (or ``None``) is ``dilation * (kernel_size - 1) // 2`` on each side,
+    which needs ``dilation * (kernel_size - 1)`` even (an odd kernel size, or an even dilation).
+    With stride 1 "same" keeps the input size; with a stride s it gives ceil(size / s) (where
+    ``nn.Conv2d`` refuses "same"), which is how RedNet downsamples.
 
     Returns:
         ``(kernel_size, stride, padding, dilation)``, each a tuple of ``n`` ints.
 
     Raises:
-        TypeError: an argument is not an int or a tuple of ``n`` ints.
-        ValueError: kernel_size, stride or dilation < 1, padding < 0, or an even kernel_size
-            with ``padding=None``.
+        TypeError: an argument is not an int (bools and floats are not) or a tuple of ``n``
+            ints, or padding is a string other than "same" and "valid".
+        ValueError: kernel_size, stride or dilation < 1, padding < 0, a padding mode not
+            among "same" and "valid", or "same" with an even ``dilation * (kernel_size - 1)``.
     """
     ks = _ntuple(kernel_size, n, "kernel_size", 1)
     st = _ntuple(stride, n, "stride", 1)
     dil = _ntuple(dilation, n, "dilation", 1)
-    if padding is None:
-        if any(k % 2 == 0 for k in ks):
+    if isinstance(padding, str) and padding not in PADDING_MODES:
+        raise ValueError(
+            f"padding ({padding!r}) must be an int, a tuple of {n} ints, 'same' or 'valid'"
+        )
+    if padding is None or padding == "same":
+        span = tuple(d * (k - 1) for k, d in zip(ks, dil, strict=True))
+        if any(s % 2 for s in span):
             raise ValueError(
-                f"kernel_size ({kernel_size!r}) must be odd when padding is None; "
-                "give an explicit padding for even kernel sizes"
+                f"kernel_size ({kernel_size!r}) with dilation ({dilation!r}) cannot have 'same' "
+                "padding: dilation * (kernel_size - 1) must be even; give an explicit padding"
             )
-        pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dil, strict=True))
+        pad = tuple(s // 2 for s in span)
+    elif padding == "valid":
+        pad = (0,) * n
     else:
-        pad = _ntuple(padding, n, "padding", 0)
+        pad = _ntuple(padding, n, "padding", 0)  # type: ignore[arg-type]
     return ks, st, pad, dil
 
 
@@ -116,17 +150,21 @@ def _check_tensors(
         raise TypeError(f"input dtype ({input.dtype}) must be a floating-point type")
     batch, channels = input.shape[:2]
     groups = kernel.shape[1]
+    if groups < 1 or channels % groups != 0:
+        raise ValueError(
+            f"kernel shape {tuple(kernel.shape)} does not fit input shape {tuple(input.shape)}: "
+            f"its groups (dimension 1: {groups}) must divide the {channels} input channels"
+        )
     expected = (
         batch,
         groups,
         math.prod(kernel_size),
         *output_size(input.shape[2:], *geometry),
     )
-    if groups < 1 or channels % groups != 0 or tuple(kernel.shape) != expected:
+    if tuple(kernel.shape) != expected:
         raise ValueError(
             f"kernel shape {tuple(kernel.shape)} does not fit input shape {tuple(input.shape)}: "
-            f"expected (batch, groups, prod(kernel_size), *output_size) = {expected} "
-            f"with groups dividing the {channels} input channels"
+            f"expected (batch, groups, prod(kernel_size), *output_size) = {expected}"
         )
 
 

@@ -29,6 +29,23 @@ def fail(command: str, error: BaseException) -> int:
     return 2
 
 
+def add_verbose_argument(
+    parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS
+) -> None:
+    """``-v/--verbose``, on the main parser (``default=False``) and on each subcommand's.
+
+    A subcommand's flag defaults to SUPPRESS, so that it sets ``args.verbose`` only when given
+    and never resets a ``-v`` given before the subcommand.
+    """
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log debug messages, and show a traceback on errors",
+    )
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,7 +109,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="registered model name, e.g. rednet26 (see involution.list_models()); "
+        help="registered model name, e.g. rednet26 (`involution list-models` lists them); "
         "optional with --weights, whose file names its model",
     )
     parser.add_argument(
@@ -134,6 +151,11 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     if args.model is None:
         if kwargs:
             raise ValueError(f"--model-arg ({' '.join(args.model_arg)}) needs --model")
+        if config is None:
+            raise ValueError(
+                f"--weights ({args.weights}) does not name its model (no model config in the "
+                "file); give --model NAME"
+            )
         model = load_weights(args.weights)
     elif config is not None and not kwargs:
         if config["name"] != args.model:
