@@ -53,7 +53,7 @@ def _model_from_checkpoint(args: argparse.Namespace) -> tuple[str, nn.Module]:
         saved["model"],
         state["num_classes"],
         state["in_chans"],
-        **{**saved["model_kwargs"], **parse_model_args(args.model_arg)},
+        model_kwargs={**saved["model_kwargs"], **parse_model_args(args.model_arg)},
     )
     model.load_state_dict(state["model"])
     return saved["model"], model

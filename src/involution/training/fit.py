@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,16 +103,17 @@ def build_model(
     in_chans: int,
     pretrained: str | None = None,
     reset_classifier: bool = False,
-    **kwargs: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A model of the zoo by name, for ``num_classes`` outputs and ``in_chans`` input channels.
 
     Args:
         name, num_classes, in_chans: as :func:`involution.create_model`'s.
         pretrained: a ``.safetensors`` file of initial weights, loaded strictly.
-        reset_classifier: load every weight of ``pretrained`` except the classifier's, which
-            stays freshly initialized for ``num_classes`` (fine-tuning to new classes).
-        **kwargs: the builder's arguments (``--model-arg``).
+        reset_classifier: load every weight of ``pretrained`` except the classifier's (``fc``
+            in every model of the zoo), which stays freshly initialized for ``num_classes``
+            (fine-tuning to new classes).
+        model_kwargs: the builder's other arguments (``--model-arg``).
 
     Raises:
         ValueError: an unknown model or builder argument, or weights that do not fit the model
@@ -122,6 +124,7 @@ def build_model(
     from ..models.weights import read_weights
     from .config import check_model_kwargs
 
+    kwargs = dict(model_kwargs or {})
     check_model_kwargs(name, kwargs)
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained is None:
@@ -369,7 +372,7 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
         data.in_chans,
         config.pretrained,
         config.reset_classifier,
-        **config.model_kwargs,
+        config.model_kwargs,
     )
     check_model_fits_data(model, sample, data.num_classes, f"--data {config.data}")
     if config.sync_bn:
