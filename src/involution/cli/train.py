@@ -9,7 +9,7 @@ Examples:
   involution train --model rednet26_cifar --data cifar10 --data-dir data --download
   torchrun --nproc_per_node=2 -m involution train --model rednet50 --data folder --data-dir imagenet
   involution train ... --resume auto        # continue from <output-dir>/last.pt
-  involution train --model rednet26 --data folder --data-dir pets --pretrained rednet26.safetensors \
+  involution train --model rednet26 --data folder --data-dir pets --pretrained rednet26.safetensors \\
       --reset-classifier                      # fine-tune to another number of classes
 
 Writes to --output-dir: last.pt (checkpoint, every epoch), metrics.csv, metrics.json,
