@@ -10,6 +10,11 @@ The op is bilinear in (input, kernel), so the backward of each gradient op is ag
 three ops: gradients of any order work, and ``torch.compile(fullgraph=True)`` sees opaque nodes
 with known shapes instead of a graph break. The ``backend`` argument names the implementation
 (see ``dispatch.py``) that runs on the tensors' device.
+
+Backends take their tensors in any layout and may return any layout; these wrappers hand results
+back in the input's memory format (``layout.py``), which is a no-op for a backend that already
+allocated them so. The fake implementations allocate the same layouts, so compiled graphs see the
+strides the eager op produces.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import layout
 from .dispatch import implementation
 
 
@@ -32,14 +38,14 @@ def involution(
     dilation: Sequence[int],
     backend: str,
 ) -> torch.Tensor:
-    return implementation(backend).forward(
-        input.contiguous(), kernel.contiguous(), kernel_size, stride, padding, dilation
-    )
+    out = implementation(backend).forward(input, kernel, kernel_size, stride, padding, dilation)
+    return layout.like_input(out, input)
 
 
 @involution.register_fake
 def _(input, kernel, kernel_size, stride, padding, dilation, backend):
-    return input.new_empty((input.shape[0], input.shape[1], *kernel.shape[3:]))
+    shape = (input.shape[0], input.shape[1], *kernel.shape[3:])
+    return layout.empty(shape, input, layout.channels_last(input))
 
 
 @torch.library.custom_op("involution::grad_input", mutates_args=())
@@ -53,20 +59,16 @@ def grad_input(
     dilation: Sequence[int],
     backend: str,
 ) -> torch.Tensor:
-    return implementation(backend).grad_input(
-        grad_out.contiguous(),
-        kernel.contiguous(),
-        input_size,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
+    grad = implementation(backend).grad_input(
+        grad_out, kernel, input_size, kernel_size, stride, padding, dilation
     )
+    return layout.like_input(grad, grad_out)
 
 
 @grad_input.register_fake
 def _(grad_out, kernel, input_size, kernel_size, stride, padding, dilation, backend):
-    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], *input_size))
+    shape = (grad_out.shape[0], grad_out.shape[1], *input_size)
+    return layout.empty(shape, grad_out, layout.channels_last(grad_out))
 
 
 @torch.library.custom_op("involution::grad_kernel", mutates_args=())
@@ -80,9 +82,10 @@ def grad_kernel(
     groups: int,
     backend: str,
 ) -> torch.Tensor:
-    return implementation(backend).grad_kernel(
-        grad_out.contiguous(), input.contiguous(), kernel_size, stride, padding, dilation, groups
+    grad = implementation(backend).grad_kernel(
+        grad_out, input, kernel_size, stride, padding, dilation, groups
     )
+    return layout.like_kernel_of(grad, input)
 
 
 @grad_kernel.register_fake
@@ -90,7 +93,8 @@ def _(grad_out, input, kernel_size, stride, padding, dilation, groups, backend):
     num_taps = 1
     for k in kernel_size:
         num_taps *= k
-    return input.new_empty((input.shape[0], groups, num_taps, *grad_out.shape[2:]))
+    shape = (input.shape[0], groups, num_taps, *grad_out.shape[2:])
+    return layout.empty_kernel(shape, input, layout.channels_last(input))
 
 
 def _geometry(ctx: Any) -> tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]:
@@ -114,7 +118,10 @@ def _involution_backward(ctx, grad):
     geometry = _geometry(ctx)
     gi = gk = None
     if ctx.needs_input_grad[0]:
-        gi = grad_input(grad, kernel, input.shape[2:], *geometry, ctx.backend)
+        # grad_input follows grad_out's memory format; the input's gradient takes the input's.
+        gi = layout.like_input(
+            grad_input(grad, kernel, input.shape[2:], *geometry, ctx.backend), input
+        )
     if ctx.needs_input_grad[1]:
         gk = grad_kernel(grad, input, *geometry, kernel.shape[1], ctx.backend)
     return gi, gk, None, None, None, None, None
