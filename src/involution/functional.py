@@ -283,14 +283,14 @@ def _check_generator(
         ("weight", weight),
         ("bias", bias),
     ]
-    for name, tensor in named:
-        if tensor is None:
+    for name, value in named:
+        if value is None:
             continue
-        if tensor.dtype != input.dtype:
-            raise TypeError(f"{name} dtype ({tensor.dtype}) must match input dtype ({input.dtype})")
-        if tensor.device != input.device:
+        if value.dtype != input.dtype:
+            raise TypeError(f"{name} dtype ({value.dtype}) must match input dtype ({input.dtype})")
+        if value.device != input.device:
             raise ValueError(
-                f"{name} device ({tensor.device}) must match input device ({input.device})"
+                f"{name} device ({value.device}) must match input device ({input.device})"
             )
     if not (weight.dim() == 2 or (weight.dim() == n + 2 and weight.shape[2:] == (1,) * n)):
         raise ValueError(
