@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from involution import functional
+from involution import nn as nn_module
 from involution.functional import output_size, resolve_geometry
 from involution.ops import _library, dispatch, portable, span
 from involution.ops.dispatch import BACKENDS
@@ -264,6 +265,58 @@ def test_native_fused_passes_are_used_and_match(monkeypatch):
     args = tuple(t.requires_grad_() for t in tensors.values())
     geometry = ([5, 5], [2, 2], [2, 2], [1, 1])
     torch.library.opcheck(_library.fused_involution, (*args, *geometry, "native-test"))
+
+
+@pytest.mark.parametrize(
+    "layer_case", [(2, 5, 1, "same"), (2, 3, 2, 0), (1, 5, 2, "same"), (3, 3, 1, 1)]
+)
+def test_layers_call_native_fused_passes_with_unchanged_outputs_and_grads(monkeypatch, layer_case):
+    n, k, stride, padding = layer_case
+    layer_class = {1: nn_module.Involution1d, 2: nn_module.Involution2d, 3: nn_module.Involution3d}
+    torch.manual_seed(0)
+    layer = layer_class[n](
+        16, k, stride, padding, group_channels=4, out_channels=8, backend="torch"
+    )
+    layer = layer.double()
+    x = torch.randn(2, 16, *(9, 8, 5)[:n], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn_like(layer(x))
+
+    def grads_of(out):
+        params = [x, *layer.parameters()]
+        return torch.autograd.grad(out, params, grad_out)
+
+    geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    composed = layer.proj(PLAIN[n](x, layer.generate_kernel(x), *geometry, backend="torch"))
+    composed_grads = grads_of(composed)
+    unfused = layer(x)  # the portable backend has no fused passes: span, then involution
+    unfused_grads = grads_of(unfused)
+
+    calls = []
+    backend = _native_test_backend()
+    fused_forward = backend.fused_forward
+    backend.fused_forward = lambda *args: calls.append("forward") or fused_forward(*args)
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "torch", backend)
+    fused = layer(x)
+    fused_grads = grads_of(fused)
+    assert calls == ["forward"]
+    torch.testing.assert_close(unfused, composed, rtol=0, atol=0)
+    for a, b in zip(unfused_grads, composed_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_close_for(torch.float64, fused, unfused)
+    for a, b in zip(fused_grads, unfused_grads, strict=True):
+        assert_close_for(torch.float64, a, b)
+
+
+def test_flop_count_is_the_same_through_the_fused_op(monkeypatch):
+    from involution.models.flops import count_macs
+
+    torch.manual_seed(0)
+    layer = nn_module.Involution2d(32, 7, 2, group_channels=8, backend="torch")
+    unfused = [count_macs(layer, (2, 32, 15, 14), elementwise) for elementwise in (True, False)]
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "torch", _native_test_backend())
+    fused = [count_macs(layer, (2, 32, 15, 14), elementwise) for elementwise in (True, False)]
+    assert fused == unfused
+    assert unfused[0] > unfused[1] > 0
 
 
 def test_errors():

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .ops import _library, portable, reference, span
-from .ops.dispatch import choose_backend
+from .ops.dispatch import choose_backend, has_fused_passes
 
 __all__ = [
     "fused_involution1d",
@@ -365,13 +365,17 @@ def _fused_involution(
     padding: IntOrTuple | None,
     dilation: IntOrTuple,
     backend: str,
+    native_only: bool = False,
 ) -> torch.Tensor:
+    """The fused op; ``native_only`` composes the span and the involution instead (the kernel is
+    then stored, not recomputed in the backward) unless the backend has native fused passes."""
     geometry = resolve_geometry(n, kernel_size, stride, padding, dilation)
     input, features, weight, bias = _autocast(input, features, weight, bias)  # type: ignore[assignment]
     matrix, kernel_shape = _check_generator(n, input, features, weight, bias, geometry)
     # The backend is chosen as for the kernel this op never stores (dispatch reads its shape).
     chosen = choose_backend(input, input.new_empty(()).expand(kernel_shape), backend)
-    if chosen == "reference" or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    compose = chosen == "reference" or (native_only and not has_fused_passes(chosen))
+    if compose or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         kernel = span.span(features, matrix, bias, kernel_shape[2])
         return _involution(n, input, kernel, *geometry, chosen)
     return _library.fused_involution(input, features, matrix, bias, *geometry, chosen)

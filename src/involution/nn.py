@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import IntOrTuple, Padding, _as_int, _involution, output_size, resolve_geometry
+from .functional import (
+    IntOrTuple,
+    Padding,
+    _as_int,
+    _fused_involution,
+    output_size,
+    resolve_geometry,
+)
 from .ops.dispatch import BACKENDS
 
 __all__ = [
@@ -213,16 +220,20 @@ class _InvolutionNd(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.generate_kernel(x)
-        out = _involution(
+        # The fused op where the backend computes it natively (the kernel never stored); the
+        # span convolution then the involution elsewhere, as generate_kernel() does.
+        out = _fused_involution(
             self._ndim,
             x,
-            kernel,
+            self.kernel_features(x),
+            self.span.weight,
+            self.span.bias,
             self.kernel_size,
             self.stride,
             self.padding,
             self.dilation,
             self.backend,
+            native_only=True,
         )
         return out if self.proj is None else self.proj(out)
 
