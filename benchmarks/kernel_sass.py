@@ -15,9 +15,16 @@ pixel-major kernel) layout. For each kernel, layout, dtype and strip length this
 These are counts, not times: they show whether a configuration spills, whether loads are
 vectorized, and how many instructions each multiply-add costs.
 
+``--variants`` counts the distinct compiled variants RedNet-50 training needs. ``--host``
+measures the host's Python time per call of the launcher (``launch.forward`` etc., the kernel
+launch itself left out) and of the whole op (argument checks, backend choice, custom op,
+autograd) on CPU tensors with the launches left out: the part of the per-call floor that does
+not depend on the GPU (allocations aside: CPU ones cost more than the CUDA caching allocator's).
+
 Usage:
     PYTHONPATH=src python benchmarks/kernel_sass.py [--kernel-size 7] [--stride 1 2] [--rows 1 2]
     PYTHONPATH=src python benchmarks/kernel_sass.py --variants   # what RedNet-50 compiles
+    PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/kernel_sass.py --host
 """
 
 from __future__ import annotations
@@ -205,6 +212,56 @@ def variants(args: argparse.Namespace) -> None:
             )
 
 
+def _per_call_us(fn, calls: int) -> float:
+    """Microseconds per call, best of 5 rounds of ``calls`` calls."""
+    for _ in range(20):
+        fn()
+    rounds = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - begin) / calls * 1e6)
+    return min(rounds)
+
+
+def host(args: argparse.Namespace) -> None:
+    """Host time per call at RedNet-50's s3 256@14 layer (batch 64, bfloat16, channels_last)."""
+    from involution.functional import involution2d
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--host needs TRITON_INTERPRET=1 (the op then accepts CPU tensors)")
+    torch.set_num_threads(1)
+    x = torch.randn(64, 256, 14, 14, dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 16 * 49, 14, 14, dtype=torch.bfloat16)
+    w = w.contiguous(memory_format=torch.channels_last).view(64, 16, 49, 14, 14)
+    g = torch.randn_like(x)
+    geometry = ([7, 7], [1, 1], [3, 3], [1, 1])
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def forward_backward():
+        y = involution2d(xg, wg, 7, backend="triton")
+        torch.autograd.grad(y, (xg, wg), g)
+
+    def forward():
+        with torch.no_grad():
+            involution2d(x, w, 7, backend="triton")
+
+    cases = {
+        "launch.forward": lambda: launch.forward(x, w, *geometry),
+        "launch.grad_input": lambda: launch.grad_input(g, w, [14, 14], *geometry),
+        "launch.grad_kernel": lambda: launch.grad_kernel(g, x, *geometry, 16),
+        "torch.empty_like (one output)": lambda: torch.empty_like(x),
+        "involution2d forward (no grad)": forward,
+        "involution2d forward + both gradients": forward_backward,
+    }
+    print("host time per call, kernel launches left out, 1 thread; microseconds")
+    with mock.patch.object(launch._Plan, "launch", lambda self, *tensors: None):
+        rows = [[name, f"{_per_call_us(fn, args.calls):.1f}"] for name, fn in cases.items()]
+    print_table(["call", "us"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel-size", type=int, default=7)
@@ -216,8 +273,12 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="count RedNet-50's compiled variants instead"
     )
+    parser.add_argument("--host", action="store_true", help="host time per call instead")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per round for --host")
     args = parser.parse_args()
-    if args.variants:
+    if args.host:
+        host(args)
+    elif args.variants:
         variants(args)
     else:
         profile(args)

@@ -136,16 +136,20 @@ class _Plan:
     constexprs: dict[str, int | bool]
     num_warps: int
     compiled: Any = None
+    arguments: tuple = ()
 
     def launch(self, *tensors: torch.Tensor) -> None:
         if self.compiled is not None:
-            self.compiled(*tensors, *self.scalars, *self.constexprs.values())
+            # Straight to the compiled kernel's launcher: no argument binding, specialization
+            # or cache lookup in Triton's Python. It takes the constexprs too, and skips them.
+            self.compiled(*tensors, *self.arguments)
             return
         compiled = self.kernel[self.grid](
             *tensors, *self.scalars, **self.constexprs, num_warps=self.num_warps
         )
         # The interpreter returns nothing; it runs every call through the function.
         if compiled is not None:
+            self.arguments = (*self.scalars, *self.constexprs.values())
             self.compiled = compiled[self.grid]
 
 
@@ -245,21 +249,20 @@ def _launch(
     width) per (batch, group), once per residue of the input modulo the stride."""
     if out.numel() == 0:
         return out
+    # ``out`` is new: its layout follows from the inputs', and the allocator aligns it.
     key = (
         kernel,
         first.shape,
         first.stride(),
         second.shape,
         second.stride(),
-        out.stride(),
         first.dtype,
         first.device,
-        *geometry,
+        geometry,
         # Triton specializes pointers on 16-byte alignment: a compiled kernel serves only
         # tensors aligned as those it was compiled for.
-        first.data_ptr() % 16 == 0,
-        second.data_ptr() % 16 == 0,
-        out.data_ptr() % 16 == 0,
+        first.data_ptr() % 16,
+        second.data_ptr() % 16,
     )
     plan = _PLANS.get(key)
     if plan is None:
