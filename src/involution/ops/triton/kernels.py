@@ -13,15 +13,20 @@ ROWS vertically adjacent output pixels (or input pixels, for the input gradient)
 group's channels in registers, BLOCK_C at a time. Accumulation is in float32.
 
 Layouts. ``CL`` says that every channel tensor (x, y and their gradients) has unit channel
-stride (channels_last): then the lanes of a program run over the groups of a pixel first, so that
-consecutive lanes read consecutive memory, and each (lane, channel) tile is contiguous along its
-channels with row offsets that are multiples of ``ALIGN`` elements: Triton loads and stores it
-with vector instructions. Otherwise (NCHW, or anything strided) the lanes run over the pixels of
-a group first, and consecutive lanes read consecutive columns. ``TAPS_INNER`` says that the
-kernel tensor has unit tap stride: the pixel-major view of a channels_last span convolution's
-output. The taps of one kernel row of a lane are then loaded (or stored) together as one
-(lane, tap) tile and split into per-tap vectors in registers, so that the threads of a warp read
-neighbouring taps instead of one tap of many lanes far apart in memory.
+stride (channels_last). The lanes of a program then run over the groups of a pixel first, so
+that consecutive lanes read consecutive memory, and the row strides of the channel tensors are
+passed in units of ``ALIGN`` elements: the compiler sees each (lane, channel) tile contiguous
+and aligned along its channels and loads and stores it with 16-byte vectors, a few threads per
+lane holding one vector each. Otherwise (NCHW, or anything strided) the lanes run over the
+pixels of a group first, so that consecutive lanes read consecutive columns, and each thread
+holds its lane's BLOCK_C channels, read one by one (``ALIGN`` is 1).
+
+``TAPS_INNER`` says that the kernel tensor has unit tap stride: the pixel-major view of a
+channels_last span convolution's output. The forward pass and the kernel gradient load (store)
+the KW taps of one kernel row of a lane as one (lane, tap) tile, which Triton moves between
+thread layouts through shared memory, so that a warp's accesses cover neighbouring taps instead
+of one tap of many lanes, each in its own cache line. The input gradient reads taps of
+different output pixels for each input pixel, one at a time.
 
 Register reuse. A strip's ROWS output pixels read overlapping input rows: output row ``r`` and
 tap row ``kh`` read input row ``r * SH + kh * DH`` of the strip's window. Each distinct input
@@ -145,7 +150,7 @@ def _columns(tile, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr):
                 pair = tl.permute(part, (0, 2, 1))
                 low, high = tl.split(pair)
                 halves = halves + (low, high)  # type: ignore[assignment]  # noqa: RUF005
-            parts = halves
+            parts = halves  # type: ignore[assignment]
     columns = ()
     for i in tl.static_range(WIDTH):
         columns = columns + (tl.reshape(parts[i], (BLOCK_P,)),)  # type: ignore[assignment]  # noqa: RUF005
@@ -155,8 +160,8 @@ def _columns(tile, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr):
 @triton.jit
 def _tile(columns, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr):
     """The inverse of ``_columns``: WIDTH (BLOCK_P,) vectors -> one (BLOCK_P, WIDTH) tile."""
-    parts = ()
-    for i in tl.static_range(WIDTH):
+    parts = (tl.reshape(columns[0], (BLOCK_P, 1)),)
+    for i in tl.static_range(1, WIDTH):
         parts = parts + (tl.reshape(columns[i], (BLOCK_P, 1)),)  # type: ignore[assignment]  # noqa: RUF005
     for _ in tl.static_range(8):
         if len(parts) > 1:
@@ -164,7 +169,7 @@ def _tile(columns, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr):
             for i in tl.static_range(len(parts) // 2):
                 pair = tl.join(parts[2 * i], parts[2 * i + 1])  # (BLOCK_P, width, 2)
                 merged = tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_P, 2 * pair.shape[1]))
-                joined = joined + (merged,)  # type: ignore[assignment]  # noqa: RUF005
+                joined = joined + (merged,)  # noqa: RUF005
             parts = joined
     return parts[0]
 
@@ -190,7 +195,7 @@ def _store_tap_row(ptr, w_pix, first, sw_t, valid, values, KW: tl.constexpr, BLO
     k = tl.arange(0, KWP)
     padded = values
     for _ in tl.static_range(KWP - KW):
-        padded = padded + (values[0],)  # type: ignore[assignment]  # noqa: RUF005
+        padded = padded + (values[0],)  # noqa: RUF005
     tl.store(
         ptr + w_pix[:, None] + (first + k)[None, :] * sw_t,
         _tile(padded, KWP, BLOCK_P).to(ptr.dtype.element_ty),

@@ -16,8 +16,9 @@ the layout, the dtype and the image height by a fixed rule, so that a network co
 variant per (kernel, geometry, layout, dtype, strip length) and nothing is benchmarked on first
 use. Everything a launch needs (grid, sizes, strides, compile-time parameters, and after the
 first launch the compiled kernel) is computed once per shape and kept in ``_PLANS``; a call with
-a known shape only looks up its plan and launches. Launches allocate nothing and never wait for
-the device, so the op can be captured in a CUDA graph once each shape has run eagerly.
+a known shape only looks up its plan and launches. Apart from their outputs (from PyTorch's
+caching allocator), launches allocate nothing, and they never wait for the device: the op can be
+captured in a CUDA graph once each shape has run eagerly.
 """
 
 from __future__ import annotations
