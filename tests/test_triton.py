@@ -235,6 +235,29 @@ def test_known_shapes_reuse_their_plan(monkeypatch):
     assert len(launch._PLANS) == 3
 
 
+@needs_interpreter
+def test_plans_are_keyed_by_everything_they_depend_on(monkeypatch):
+    """Calls that share some of their tensors' shapes but not all, or the shapes but not the
+    strides, each get a plan of their own and the right results, whatever ran before them."""
+    monkeypatch.setattr(launch, "_PLANS", {})
+    calls = [
+        # Inputs of 11 and 12 rows give the same 6x6 output and kernel at stride 2: the input
+        # gradient's plan differs only by the size of what it writes.
+        (2, 2, 4, 2, (11, 11), 3, 2, 1, None, "contiguous"),
+        (2, 2, 4, 2, (12, 12), 3, 2, 1, None, "contiguous"),
+        # Same input and grad_out, 2 or 4 groups: the kernel gradient differs by what it writes.
+        (2, 1, 8, 4, (6, 5), 3, 1, 1, None, "contiguous"),
+        (2, 1, 8, 2, (6, 5), 3, 1, 1, None, "contiguous"),
+        # Same shapes, other strides.
+        (2, 1, 8, 2, (6, 5), 3, 1, 1, None, "channels_last"),
+    ]
+    for n, *case, layout_name in calls:
+        (x, w, g), kwargs = make_case(n, *case, torch.float32, "cpu", layout_name)
+        got = forward_and_grads(FUNCTIONS[n], x, w, g, "triton", **kwargs)
+        assert_close_to_reference(n, torch.float32, got, x, w, g, **kwargs)
+    assert len(launch._PLANS) == 3 * len(calls)
+
+
 def _plan_of(monkeypatch, op, x, w, g, geometry, groups):
     """The launch plan of one op, captured instead of launched."""
     captured = []

@@ -250,20 +250,16 @@ def _launch(
     width) per (batch, group), once per residue of the input modulo the stride."""
     if out.numel() == 0:
         return out
-    # ``out`` is new: its layout follows from the inputs', and the allocator aligns it.
+    # Everything the plan depends on. ``out``'s shape carries what the two others do not (the
+    # input size of the input gradient, the groups of the kernel gradient); Triton specializes
+    # pointers on 16-byte alignment, so a compiled kernel serves only tensors aligned as those
+    # it was compiled for.
     key = (
         kernel,
-        first.shape,
-        first.stride(),
-        second.shape,
-        second.stride(),
+        *((t.shape, t.stride(), t.data_ptr() % 16) for t in (first, second, out)),
         first.dtype,
         first.device,
         geometry,
-        # Triton specializes pointers on 16-byte alignment: a compiled kernel serves only
-        # tensors aligned as those it was compiled for.
-        first.data_ptr() % 16,
-        second.data_ptr() % 16,
     )
     plan = _PLANS.get(key)
     if plan is None:
