@@ -437,6 +437,41 @@ def test_cuda_graph_replays_forward_and_backward(layout):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_compile_reduce_overhead_matches_eager():
+    """``torch.compile(mode="reduce-overhead")`` records forward and backward in CUDA graphs
+    (no step skips them); warm-up, recording and replays with new values give what the eager
+    op gives, in the input's layout."""
+    from torch._dynamo.utils import counters
+
+    case = (4, 64, 4, (14, 14), 7, 1, 1, None)
+    (x, w, g), kwargs = make_case(
+        2, *case, dtype=torch.bfloat16, device="cuda", layout="channels_last"
+    )
+
+    def fn(x, w):
+        return involution2d(x, w, backend="triton", **kwargs)
+
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    for _ in range(4):  # warm-up, recording, two replays
+        x.normal_()  # in place: the layouts stay
+        w.normal_()
+        results = []
+        for f in (compiled, fn):
+            xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+            torch.compiler.cudagraph_mark_step_begin()
+            y = f(xi, wi)
+            y.backward(g)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            results.append((y.detach().clone(), xi.grad.clone(), wi.grad.clone()))
+        rtol, atol = TOLERANCES[torch.bfloat16]
+        for got, expected in zip(*results, strict=True):
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_auto_picks_triton_on_cuda():
     x = torch.randn(1, 16, 8, 8, device="cuda")
     w = torch.randn(1, 1, 9, 8, 8, device="cuda")

@@ -176,8 +176,9 @@ def _tile(columns, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _tap_row(ptr, w_pix, first, sw_t, valid, KW: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Taps ``first .. first + KW - 1`` of the kernel at ``ptr`` + per-lane offsets ``w_pix``, as a tuple
-    of KW float32 (lane,) vectors: one tile load, contiguous along taps when ``sw_t`` is 1."""
+    """Taps ``first .. first + KW - 1`` of the kernel at ``ptr`` + per-lane offsets ``w_pix``,
+    as a tuple of KW float32 (lane,) vectors: one tile load, contiguous along taps when
+    ``sw_t`` is 1."""
     KWP: tl.constexpr = triton.next_power_of_2(KW)
     k = tl.arange(0, KWP)
     tile = tl.load(

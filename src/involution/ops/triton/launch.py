@@ -8,17 +8,25 @@ Layouts. Tensors are passed where they lie, with their strides: no copy on the w
 Results are allocated in the layout the op returns (``ops/layout.py``): the output and the input
 gradient in the memory format of the input (of grad_out, for the input gradient), the kernel
 gradient pixel-major for a channels_last input. When the channel tensors of a call all have unit
-channel stride, the kernels vectorize along channels (``CL``); otherwise they take the strided
-path, which is how NCHW runs.
+channel stride, the kernels vectorize along channels (``CL``): a thread loads up to 16 bytes of
+a group's channels at once, as far as the channel rows' alignment allows. Otherwise they take the strided path, which is how NCHW runs, with no
+copy either: the same kernels with the channel stride a runtime value, one thread per lane
+holding the lane's channels and loading them one element at a time, consecutive lanes on
+consecutive pixels of a row so that a warp's loads stay coalesced. Its cost is in load
+instructions, not bytes: one per channel where channels_last issues one per 16 bytes of channels
+(4 in float32, 8 in bfloat16; SASS counts in ``benchmarks/kernel_sass.py``). Its time against
+channels_last is what ``benchmarks/bench_gpu.py --steps nchw`` measures.
 
 Configuration. There is no autotuning: ``choose_config`` picks the compile-time parameters from
 the layout, the dtype and the image height by a fixed rule, so that a network compiles one
 variant per (kernel, geometry, layout, dtype, strip length) and nothing is benchmarked on first
 use. Everything a launch needs (grid, sizes, strides, compile-time parameters, and after the
-first launch the compiled kernel) is computed once per shape and kept in ``_PLANS``; a call with
-a known shape only looks up its plan and launches. Apart from their outputs (from PyTorch's
-caching allocator), launches allocate nothing, and they never wait for the device: the op can be
-captured in a CUDA graph once each shape has run eagerly.
+first launch the compiled kernel) is computed from Python integers, once per call signature
+(the three tensors' shapes, strides and pointer alignment, the dtype, device and geometry), and
+kept in ``_PLANS``; a known call only looks up its plan and launches. The outputs are allocated
+by the host wrappers below (``layout.py``, from PyTorch's caching allocator); planning and
+launching allocate nothing and never wait for the device, so the op can be captured in a CUDA
+graph once each call signature has run eagerly (the first run compiles).
 """
 
 from __future__ import annotations
@@ -98,8 +106,8 @@ def choose_config(
 
 # Strip lengths the rule picks from. Longer strips load fewer input rows per output pixel (7x7
 # kernel: ROWS + 6 rows per ROWS pixels) and run fewer instructions per multiply-add; ROWS = 2
-# halves the instructions per multiply-add of ROWS = 1 by a third without spilling or running
-# short of registers (benchmarks/kernel_sass.py), and one length for every image keeps a
+# runs about a third fewer instructions per multiply-add than ROWS = 1, without spilling
+# (benchmarks/kernel_sass.py, sm_90), and one length for every image of 4 rows or more keeps a
 # network to one compiled variant per geometry.
 STRIP_ROWS = (1, 2)
 
