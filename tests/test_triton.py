@@ -3,9 +3,13 @@
 CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``make test``)
 on small shapes, in both layouts the kernels serve: ``contiguous`` (NCHW input, contiguous
 kernel; the strided path) and ``channels_last`` (channels-last input and grad_out, pixel-major
-kernel; the vector path), in 1D, 2D and 3D. The ``gpu`` tests run the same checks at RedNet-50's
-layer shapes on CUDA, and capture the op in a CUDA graph. Every comparison is against the
-reference backend in float64 on the same (rounded) inputs.
+kernel; the vector path), in 1D, 2D and 3D, and mixed or strided layouts. The ``gpu`` tests
+run the same checks at RedNet-50's layer shapes on CUDA, and capture the op in a CUDA graph, by
+hand and through ``torch.compile(mode="reduce-overhead")``. Every comparison is against the
+reference backend in float64 on the same (rounded) inputs. The Triton kernels take no float64
+(they accumulate in float32), so their tolerance table here starts at float32; it is tighter
+than ``conftest.TOLERANCES`` for the half types, whose outputs are rounded once from a float32
+accumulator.
 """
 
 from __future__ import annotations
@@ -163,6 +167,16 @@ def test_1d(dtype, layout):
 def test_3d(layout):
     case = (1, 4, 2, (5, 6, 7), 3, (1, 2, 1), 1, None)
     assert_matches_reference(3, torch.float32, "cpu", *case, layout=layout)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_3d_reduced_precision(dtype, layout):
+    """Half-precision loads and stores in 3D (channels_last_3d and pixel-major in one of the
+    layouts), with a dilation along one axis."""
+    case = (1, 4, 2, (3, 4, 5), 3, 1, (1, 1, 2), None)
+    assert_matches_reference(3, dtype, "cpu", *case, layout=layout)
 
 
 @needs_interpreter
