@@ -11,6 +11,9 @@ On the CPU the work is split into chunks of (batch, group) rows small enough to 
 last-level cache, so that the K^n passes over each chunk run at cache speed rather than memory
 speed, yet large enough that per-op overhead stays small. Elsewhere (GPU, tracing for export) the
 whole tensor is one chunk, which keeps the launch count at K^n.
+
+The tap loop works on contiguous (NCHW) rows: tensors in another layout are copied once on the
+way in, and the op (``_library.py``) returns results in the input's memory format.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def forward(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
+    input, kernel = input.contiguous(), kernel.contiguous()
     batch, channels = input.shape[:2]
     groups = kernel.shape[1]
     out_size = kernel.shape[3:]
@@ -100,6 +104,7 @@ def grad_input(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
+    grad_out, kernel = grad_out.contiguous(), kernel.contiguous()
     batch, channels = grad_out.shape[:2]
     groups = kernel.shape[1]
     out_size = kernel.shape[3:]
@@ -117,7 +122,7 @@ def grad_input(
             xc[tap_index(offsets, stride, dilation, out_size)].addcmul_(gc, wc[:, :, t])
     inner = [slice(p, p + n) for p, n in zip(padding, input_size, strict=True)]
     grad = grad.reshape(batch, channels, *padded_size)[(slice(None), slice(None), *inner)]
-    return grad.to(grad_out.dtype).contiguous()
+    return grad.to(grad_out.dtype)
 
 
 def grad_kernel(
@@ -129,6 +134,7 @@ def grad_kernel(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
+    grad_out, input = grad_out.contiguous(), input.contiguous()
     batch = input.shape[0]
     out_size = grad_out.shape[2:]
     offsets_list = taps(kernel_size)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import layout
+
 
 def pad_input(input: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
     """Zero-pads every spatial dimension of ``input`` by ``padding`` on both sides."""
@@ -44,6 +46,23 @@ def taps(kernel_size: Sequence[int]) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(k) for k in kernel_size)))
 
 
+class _GradInLayout(torch.autograd.Function):
+    """Identity whose backward hands the gradient back in the layout of its argument (as
+    ``torch.empty_like`` would allocate it), as the other backends' gradients come."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.stride = torch.empty_like(t, device="meta").stride()
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == ctx.stride:
+            return grad
+        out = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device)
+        return out.copy_(grad)
+
+
 def involution(
     input: torch.Tensor,
     kernel: torch.Tensor,
@@ -55,6 +74,7 @@ def involution(
     batch, channels = input.shape[:2]
     groups, num_taps = kernel.shape[1], kernel.shape[2]
     out_size = kernel.shape[3:]
+    input, kernel = _GradInLayout.apply(input), _GradInLayout.apply(kernel)
     padded = pad_input(input, padding)
     columns = torch.stack(
         [padded[tap_index(o, stride, dilation, out_size)] for o in taps(kernel_size)],
@@ -62,4 +82,4 @@ def involution(
     )  # (B, C, K^n, *out): the K^n expansion
     columns = columns.reshape(batch, groups, channels // groups, num_taps, *out_size)
     out = (columns * kernel.unsqueeze(2)).sum(dim=3)
-    return out.reshape(batch, channels, *out_size)
+    return layout.like_input(out.reshape(batch, channels, *out_size), input)

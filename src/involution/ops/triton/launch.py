@@ -5,8 +5,8 @@ kernels (``kernels.py``) are three-dimensional; a 1D or 2D problem is reshaped e
 one whose leading spatial dimensions have size 1, kernel size 1, stride 1, padding 0 and
 dilation 1, which only adds views, never copies.
 
-Inputs arrive contiguous in NCHW order: the op (``ops/_library.py``) calls ``.contiguous()``,
-so a channels_last input costs one extra read and write of the tensor before the kernel runs.
+The kernels read contiguous NCHW tensors: an input in another layout (channels_last) is copied
+once on the way in, and the op (``ops/_library.py``) returns results in the input's layout.
 
 The strip length ROWS (see ``kernels.py``) is autotuned per shape (``triton.autotune`` keyed on
 the number of (batch, group) rows, the channel count per group and the spatial sizes) over three
@@ -125,6 +125,7 @@ def forward(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
+    input, kernel = input.contiguous(), kernel.contiguous()
     batch, channels = input.shape[:2]
     groups = kernel.shape[1]
     out_size = tuple(kernel.shape[3:])
@@ -155,6 +156,7 @@ def grad_input(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
+    grad_out, kernel = grad_out.contiguous(), kernel.contiguous()
     batch, channels = grad_out.shape[:2]
     groups = kernel.shape[1]
     grad = grad_out.new_empty((batch, channels, *input_size))
@@ -186,6 +188,7 @@ def grad_kernel(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
+    grad_out, input = grad_out.contiguous(), input.contiguous()
     batch, channels = input.shape[:2]
     out_size = tuple(grad_out.shape[2:])
     grad = input.new_empty((batch, groups, math.prod(kernel_size), *out_size))
