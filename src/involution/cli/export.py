@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--image-size ({args.image_size}) and --batch-size ({args.batch_size}) must be >= 1"
             )
+        # Checked before the first stage line, which names the model.
+        if args.model is None and args.weights is None:
+            raise ValueError("give --model NAME, or --weights PATH of a saved model")
         name = args.model or args.weights.stem
         with _stage(f"building {name}") as notes:
             model = build_model(args)
@@ -91,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
         output = args.output or Path(name + FORMATS[args.format])
         size, batch = args.image_size, args.batch_size
         example = torch.randn(batch, channels, size, size)
-        # A second input of other batch and spatial sizes shows that they stay dynamic.
-        inputs = [example, torch.randn(batch + 1, channels, size + size // 4, size + size // 8)]
+        # A second input of other batch and (odd, smaller, so the check stays quick) spatial
+        # sizes shows that they stay dynamic.
+        other = (size * 3 // 4 + 1, size * 7 // 8 + 1)
+        inputs = [example, torch.randn(batch + 1, channels, *other)]
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
         if args.format == "onnx":
             with _stage(f"exporting to {output} (ONNX opset {args.opset})") as notes:
