@@ -2,8 +2,8 @@
 
 While a model is exported (``torch.export``, and through it ONNX), :mod:`involution.functional`
 computes involution here instead of calling the registered op, so that an ONNX file runs in any
-runtime and a saved ``ExportedProgram`` loads without this library. Per layer the graph holds
-about ten nodes whatever the kernel size (see the README's export section for the count):
+runtime and a saved ``ExportedProgram`` loads without this library. Per layer the ONNX graph
+holds a dozen nodes beyond the generator's convolutions, whatever the kernel size:
 
 1. the input is zero-padded and laid out per group as (B, G, N, C/G), N the padded pixels;
 2. one Gather with a precomputed index picks each output pixel's K^n neighbourhood:
@@ -12,11 +12,13 @@ about ten nodes whatever the kernel size (see the README's export section for th
    a (1 x K^n) by (K^n x C/G) product per pixel and group (Li et al., CVPR 2021, Eq. 4);
 4. the result goes back to (B, C, *out).
 
-Why this layout, measured with onnxruntime on the CPU (BENCHMARKS.md has the figures): the
-K^n-fold ``patches`` tensor is the whole cost. Channels last, the Gather copies runs of C/G
-contiguous values rather than single ones, and the MatMul reads ``patches`` once, where a
-broadcast Mul and a ReduceSum would write and read it twice more. A grouped convolution with
-one-hot weights extracts the same neighbourhoods with K^n times the multiply-adds.
+Why this layout, measured with onnxruntime on the CPU against a one-hot grouped convolution and
+channels-first or channels-last element gathers followed by a Mul and a ReduceSum (BENCHMARKS.md
+has the figures): the K^n-fold ``patches`` tensor is the whole cost. Channels last, the Gather
+copies runs of C/G contiguous values rather than single ones, and the MatMul reads ``patches``
+once, where a broadcast Mul and a ReduceSum would write and read it twice more. A grouped
+convolution with one-hot weights extracts the same neighbourhoods with K^n times the
+multiply-adds.
 
 The index depends only on the spatial sizes, so the exporter computes it from the input's
 shape: batch, height and width stay dynamic, and layers of the same geometry share it.
