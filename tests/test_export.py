@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from involution import Involution2d
-from involution.functional import fused_involution2d, involution2d
 from involution.cli.__main__ import main
 from involution.export import (
     _exporter_output,
@@ -26,6 +25,7 @@ from involution.export import (
     onnx_op_counts,
     program_max_abs_diff,
 )
+from involution.functional import fused_involution2d, involution2d
 from involution.models import create_model
 
 onnx = pytest.importorskip("onnx")
