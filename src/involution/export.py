@@ -1,10 +1,14 @@
 """Exporting models that contain involutions: ONNX and ``torch.export`` programs.
 
-While ``torch.export`` traces a model, :mod:`involution.functional` computes involution with the
-portable backend's plain PyTorch operations instead of the registered custom op, so the exported
-graphs hold standard operators only: an ONNX file runs in any ONNX runtime without a custom
-domain, and a saved ``ExportedProgram`` loads without importing this library. Both keep the batch
-size and the spatial size dynamic.
+While ``torch.export`` traces a model, :mod:`involution.functional` computes involution with
+standard tensor operations (a Gather and a batched MatMul per layer, see
+``ops/export_graph.py``) instead of the registered custom op, so the exported graphs hold
+standard operators only: an ONNX file runs in any ONNX runtime without a custom domain, and a
+saved ``ExportedProgram`` loads without importing this library. Both keep the batch size and the
+spatial size dynamic.
+
+The exporters' own log messages and warnings (one line per constant the ONNX optimizer merges,
+notes about optional packages, deprecations inside PyTorch) are hidden unless ``verbose=True``.
 
 Each exporter is paired with a check that runs the exported model next to the PyTorch one and
 returns the largest absolute difference of their outputs.
@@ -12,8 +16,11 @@ returns the largest absolute difference of their outputs.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ __all__ = [
     "export_program",
     "nonstandard_onnx_domains",
     "onnx_max_abs_diff",
+    "onnx_op_counts",
     "program_max_abs_diff",
 ]
 
@@ -37,15 +45,40 @@ logger = logging.getLogger(__name__)
 STANDARD_ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
+# Loggers of the exporters and of the ONNX optimizer, hidden below ERROR unless verbose.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
 
 
-def _dynamic_shapes(example: torch.Tensor) -> tuple[dict[int, Any]]:
+@contextlib.contextmanager
+def _exporter_output(verbose: bool) -> Iterator[None]:
+    """Hides the exporters' log records below ERROR and their warnings, unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def _trace_input(example: torch.Tensor) -> tuple[torch.Tensor, tuple[dict[int, Any]]]:
+    """The example to trace with and its dynamic dimensions."""
     if example.dim() != 4:
         raise ValueError(
             f"example input must be (batch, channels, height, width), got {tuple(example.shape)}"
         )
+    if example.shape[0] == 1:
+        # torch.export specializes a size of 1 to a constant; two images keep the batch dynamic.
+        example = example.repeat(2, 1, 1, 1)
     # Batch from 1 up; the spatial range is the one the model's layers allow (inferred).
-    return ({0: Dim("batch", min=1), 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
+    return example, ({0: Dim("batch", min=1), 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
 
 
 def _max_abs_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -62,7 +95,10 @@ def _check_inputs(inputs: Sequence[torch.Tensor]) -> None:
 
 
 def export_program(
-    model: nn.Module, path: str | os.PathLike[str], example: torch.Tensor
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example: torch.Tensor,
+    verbose: bool = False,
 ) -> torch.export.ExportedProgram:
     """Exports ``model`` with ``torch.export`` and saves the program to ``path``.
 
@@ -70,13 +106,16 @@ def export_program(
         model: in eval mode; it takes one (B, C, H, W) tensor.
         path: file to write (``.pt2`` by convention).
         example: an input to trace with; batch, height and width stay dynamic.
+        verbose: show the exporter's log messages and warnings.
 
     Returns:
         The exported program, as saved.
     """
-    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(example))
-    torch.export.save(program, path)
-    logger.info("saved the exported program to %s", path)
+    example, dynamic_shapes = _trace_input(example)
+    with _exporter_output(verbose):
+        program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+        torch.export.save(program, path)
+    logger.debug("saved the exported program to %s", path)
     return program
 
 
@@ -99,6 +138,7 @@ def export_onnx(
     path: str | os.PathLike[str],
     example: torch.Tensor,
     opset: int = 18,
+    verbose: bool = False,
 ) -> Path:
     """Exports ``model`` to ONNX with the dynamo-based exporter of ``torch.onnx``.
 
@@ -110,6 +150,7 @@ def export_onnx(
         path: file to write.
         example: an input to trace with.
         opset: ONNX operator set version.
+        verbose: show the exporter's log messages and warnings.
 
     Returns:
         ``path``.
@@ -126,22 +167,24 @@ def export_onnx(
             f"ONNX export needs onnx and onnxscript ({error}): pip install 'involution[export]'"
         ) from error
     path = Path(path)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=_dynamic_shapes(example),
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
+    example, dynamic_shapes = _trace_input(example)
+    with _exporter_output(verbose):
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=verbose,
+        )
     custom = nonstandard_onnx_domains(path)
     if custom:
         raise RuntimeError(f"{path} uses operators of non-standard domains {sorted(custom)}")
-    logger.info("wrote %s (opset %d)", path, opset)
+    logger.debug("wrote %s (opset %d)", path, opset)
     return path
 
 
@@ -172,6 +215,13 @@ def nonstandard_onnx_domains(path: str | os.PathLike[str]) -> set[str]:
         domains.update(node.domain for node in function.node)
     domains.update(opset.domain for opset in proto.opset_import)
     return domains - STANDARD_ONNX_DOMAINS
+
+
+def onnx_op_counts(path: str | os.PathLike[str]) -> collections.Counter[str]:
+    """How many nodes of each operator type the ONNX file at ``path`` holds (subgraphs too)."""
+    import onnx
+
+    return collections.Counter(node.op_type for node in _nodes(onnx.load(str(path)).graph))
 
 
 def onnx_max_abs_diff(

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import _library, portable, reference, span
+from .ops import _library, export_graph, reference, span
 from .ops.dispatch import choose_backend, has_fused_passes
 
 __all__ = [
@@ -219,8 +219,8 @@ def _involution(
         return reference.involution(input, kernel, *geometry)
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         # Exported graphs carry standard operators only, so that ONNX and ExportedProgram
-        # consumers need no custom op.
-        return portable.forward(input, kernel, *geometry)
+        # consumers need no custom op: a Gather and a MatMul per layer (ops/export_graph.py).
+        return export_graph.forward(input, kernel, *geometry)
     return _library.involution(input, kernel, *geometry, chosen)
 
 

@@ -3,12 +3,18 @@
 Inference is a forward pass in eval mode without autograd; training is one optimizer step
 (forward in train mode, cross-entropy on random labels, backward, SGD update). Inputs are random
 images, the same for every model.
+
+:func:`benchmark_onnxruntime` measures deployment instead: the model exported to ONNX (as
+``involution export`` does) and run by onnxruntime's CPU provider.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +24,7 @@ from torch import nn
 from .memory import peak_memory
 from .timing import measure_time
 
-__all__ = ["MODES", "benchmark_model"]
+__all__ = ["MODES", "benchmark_model", "benchmark_onnxruntime"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +127,77 @@ def benchmark_model(
         row[f"{mode}_img_s"] = batch_size / timing.median
         row[f"{mode}_peak_mib"] = peak_memory(step, device) / _MiB
     return row
+
+
+def benchmark_onnxruntime(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    batch_sizes: Sequence[int] = (1, 8),
+    image_size: int = 224,
+    in_chans: int = 3,
+    threads: int | None = None,
+    warmup: int = 2,
+    repeats: int = 10,
+) -> list[dict[str, object]]:
+    """Exports ``model`` to ONNX and times onnxruntime's CPU provider on random images.
+
+    Args:
+        model: takes (B, C, H, W) images; exported in eval mode with dynamic batch and size.
+        path: the ONNX file to write.
+        batch_sizes: images per call, one row each.
+        image_size: height and width of the images.
+        in_chans: channels of the images.
+        threads: onnxruntime's intra-op threads; None means ``os.cpu_count()``.
+        warmup, repeats: as in :func:`involution.benchmark.measure_time`.
+
+    Returns:
+        One row per batch size: ``batch``, ``threads``, ``export_s`` (seconds to export),
+        ``nodes`` (of the ONNX graph), ``median_ms``/``min_ms`` per call and ``img_s`` (images
+        per second at the median).
+
+    Raises:
+        ValueError: a batch size, image size or thread count < 1.
+        ImportError: onnxruntime, onnx or onnxscript is missing (``involution[export]``).
+    """
+    from ..export import INPUT_NAME, export_onnx, onnx_op_counts
+
+    if image_size < 1 or any(b < 1 for b in batch_sizes):
+        raise ValueError(
+            f"image_size ({image_size}) and batch_sizes ({list(batch_sizes)}) must be >= 1"
+        )
+    if threads is None:
+        threads = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"threads ({threads}) must be >= 1")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(
+            "timing ONNX needs onnxruntime: pip install 'involution[export]'"
+        ) from error
+    model = model.eval()
+    start = time.perf_counter()
+    export_onnx(model, path, torch.randn(2, in_chans, image_size, image_size))
+    export_s = time.perf_counter() - start
+    nodes = sum(onnx_op_counts(path).values())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rows: list[dict[str, object]] = []
+    for batch in batch_sizes:
+        feed = {INPUT_NAME: torch.randn(batch, in_chans, image_size, image_size).numpy()}
+        logger.info("timing onnxruntime at batch %d", batch)
+        timing = measure_time(functools.partial(session.run, None, feed), "cpu", warmup, repeats)
+        rows.append(
+            {
+                "batch": batch,
+                "threads": threads,
+                "export_s": export_s,
+                "nodes": nodes,
+                "median_ms": timing.median * 1e3,
+                "min_ms": timing.minimum * 1e3,
+                "img_s": batch / timing.median,
+            }
+        )
+    return rows

@@ -5,6 +5,8 @@
                            time, peak memory, GB/s and the floor set by a measured copy bandwidth
   involution bench model   registered models side by side: parameters, multiply-adds, inference
                            and training images per second, peak memory
+  involution bench onnx    registered models exported to ONNX and timed in onnxruntime on the
+                           CPU (deployment latency)
 
 Timing: warm-up calls, then the median of the repeats (perf_counter on the CPU, CUDA events on
 GPUs). Peak memory: above what was live before the call (CUDA allocator statistics; on the CPU
@@ -13,6 +15,7 @@ the allocations recorded by torch.profiler). Examples:
   involution bench op --device cpu --backends reference torch --baselines depthwise \\
       --passes forward forward+backward
   involution bench model --models rednet50 resnet50 --batch-size 32 --plot models.png
+  involution bench onnx --models rednet26 rednet50 rednet101 resnet50 resnet101 --threads 2
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from involution.cli._options import (
     add_device_arguments,
     add_verbose_argument,
     fail,
+    input_channels,
     parse_model_args,
     setup_device,
 )
@@ -166,6 +171,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_output_arguments(model)
     model.set_defaults(_bench=_run_model)
 
+    deploy = sub.add_parser(
+        "onnx",
+        help="models exported to ONNX and timed in onnxruntime on the CPU",
+        description=(
+            "Exports each model as `involution export` does (standard operators, dynamic batch "
+            "and size), then times onnxruntime's CPU provider on random images at each batch "
+            "size. Columns: batch; threads, onnxruntime's intra-op threads; export_s, seconds "
+            "the export took; nodes, of the ONNX graph; median_ms/min_ms per call; img_s, "
+            "images per second at the median; vs_BASELINE, median_ms over the baseline model's "
+            "at the same batch."
+        ),
+    )
+    deploy.add_argument(
+        "--models",
+        nargs="+",
+        default=["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"],
+        help="(default: %(default)s)",
+    )
+    deploy.add_argument(
+        "--baseline",
+        default="resnet50",
+        help="model the ratio column compares with (default: %(default)s)",
+    )
+    deploy.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[1, 8], help="(default: %(default)s)"
+    )
+    deploy.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    _add_output_arguments(deploy)
+    # onnxruntime's CPU provider; --threads sets its intra-op threads (default: all cores).
+    deploy.set_defaults(_bench=_run_onnx, device="cpu")
+
 
 def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict, dict]:
     dtype = _DTYPES[args.dtype]
@@ -257,6 +293,44 @@ def _run_model(args: argparse.Namespace, device: torch.device) -> tuple[list, di
         "ylabel": "images/s",
     }
     return rows, metadata, chart
+
+
+def _run_onnx(args: argparse.Namespace, device: torch.device) -> tuple[list, dict, dict]:
+    from involution.models import create_model
+
+    if device.type != "cpu":
+        raise ValueError(f"--device ({args.device}) must be cpu: onnxruntime runs on the CPU here")
+    metadata: dict[str, object] = environment(device)
+    metadata.update(image_size=args.image_size, runtime="onnxruntime " + _onnxruntime_version())
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            model = create_model(name)
+            for row in model_bench.benchmark_onnxruntime(
+                model,
+                Path(folder) / f"{name}.onnx",
+                args.batch_sizes,
+                args.image_size,
+                input_channels(model),
+                args.threads,
+                args.warmup,
+                args.repeats,
+            ):
+                rows.append({"model": name, **row})
+    baseline = {r["batch"]: r["median_ms"] for r in rows if r["model"] == args.baseline}
+    if baseline:
+        for row in rows:
+            row[f"vs_{args.baseline}"] = row["median_ms"] / baseline[row["batch"]]
+    chart = {"value": "median_ms", "category": "model", "panel": "batch", "ylabel": "ms per call"}
+    return rows, metadata, chart
+
+
+def _onnxruntime_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "(not installed)"
+    return str(onnxruntime.__version__)
 
 
 def run(args: argparse.Namespace) -> int:
