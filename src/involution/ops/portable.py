@@ -1,4 +1,4 @@
-"""Memory-light involution in plain PyTorch: any device, analytic backward, ONNX-exportable.
+"""Memory-light involution in plain PyTorch: any device, analytic backward.
 
 Instead of expanding the input K^n times (see ``reference.py``), the forward pass loops over the
 K^n kernel taps and accumulates ``strided view of the padded input * kernel tap`` into the
@@ -9,7 +9,7 @@ the input (or its gradient) plus one output-sized temporary.
 
 On the CPU the work is split into chunks of (batch, group) rows small enough to stay in the
 last-level cache, so that the K^n passes over each chunk run at cache speed rather than memory
-speed, yet large enough that per-op overhead stays small. Elsewhere (GPU, tracing for export) the
+speed, yet large enough that per-op overhead stays small. Elsewhere (GPU, compiled graphs) the
 whole tensor is one chunk, which keeps the launch count at K^n.
 
 The tap loop works on contiguous (NCHW) rows: tensors in another layout are copied once on the
