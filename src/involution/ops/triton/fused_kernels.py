@@ -1,0 +1,753 @@
+"""Triton kernels of the fused involution: each pixel's kernel is generated where it is used.
+
+The fused op computes ``involution(x, span(f))`` (Li et al., CVPR 2021, arXiv 2103.06255, Eq. 4
+and 6) where ``span(f) = f @ W^T + b`` maps R hidden features of an output pixel to the G * T
+kernel values of its G groups, T = KD * KH * KW taps in row-major order::
+
+    K[p, g, t] = sum_r f[p, r] * W[g * T + t, r] + b[g * T + t]
+    y[p, c]    = sum_t K[p, g(c), t] * x[nbr(p, t), c]        (zero outside the input)
+
+The kernel tensor K (B, G, T, *out) is never written to memory, in the forward or the backward.
+
+Every kernel is written for three spatial dimensions; 1D and 2D problems give the leading
+dimensions size 1 (kernel size 1, stride 1, padding 0). Tensors are read and written through
+their strides, so channels-last tensors are used where they lie: a pixel's group channels are
+then contiguous and load as vectors. Pixels are flattened over (batch, *spatial) and cut into
+tiles of BLOCK_P; a program takes one tile and one group (or all groups, where it must sum over
+them). Accumulation is in float32.
+
+Forward (``fused_forward_kernel``). The tile's kernels come from one ``tl.dot``, features
+[P, R] @ W_g^T [R, TP] (TP = T rounded up to a power of two), on tensor cores for 16-bit types
+and in tf32 or fp32 for float32. The aggregation then needs column t of that register tile for
+each tap: it is taken apart by a split tree (``_columns``: reshape to [P, w/2, 2] and
+``tl.split``, six levels for TP = 64) into TP vectors [P]. After one layout conversion of the
+tile (one shared-memory round trip per tile), each split only renames registers, and the
+vectors come out in the layout of the channel tiles the taps load, so the 49 taps run on
+registers alone: a vector load of the group's channels and one FMA per channel. Alternatives
+compiled for sm_90 at K = 7: extracting each column with a masked ``tl.sum`` or ``tl.gather``
+made the compiler convert a tile through shared memory at every tap (about 50 round trips per
+tile instead of one); a global scratch tile would reintroduce the memory traffic the fusion
+removes.
+
+Backward. The kernel gradient of a pixel, ``dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c]``, is
+formed tap by tap in registers (``_kernel_gradient``) and assembled into a [P, TP] tile by the
+inverse tree (``_tile``, ``tl.join``), which feeds ``tl.dot`` at once:
+
+* ``fused_grad_features_kernel``: d_features[p] = sum_g dK_g[p] @ W_g, the groups summed in a
+  fixed order inside the program that owns the tile;
+* ``fused_grad_weight_kernel``: per (chunk of tiles, group) partial sums dW_g = dK_g^T @ f and
+  d_bias_g = sum_p dK_g, written to a buffer and reduced over chunks in a fixed order on the host.
+  No floating-point atomics anywhere: results are bit-identical from run to run.
+
+The two need dK in different loop orders (groups innermost for d_features, pixels innermost for
+dW), and neither accumulator fits in registers across the other's loop, so each recomputes dK.
+
+* ``fused_grad_input_kernel``: a gather over taps, as in ``kernels.py``: input pixel i collects
+  ``K[o, t] * gy[o, c]`` from the output pixels o that read it, walking the stride's residues at
+  compile time. K[o, t] is recomputed per tap as a dot of o's R features with row t of W_g on
+  CUDA cores (R FMAs per tap and pixel, features read where they lie: L1 hits, as o's neighbours
+  are read by the neighbouring lanes). It costs about (1 + R / CG) times the loads of a plain
+  grad_input, against the alternatives' K round trip through memory: a tensor-core dot needs a
+  whole tile of K at the shifted pixels o, which Triton can only hold in registers of other
+  threads (no shifted register views) or in a global scratch tile.
+
+Loops over runtime bounds are ``while`` loops: Triton's interpreter cannot take a runtime
+bound in ``range`` with NumPy 2.4.
+
+Sizes and offsets are int32 unless the host sets WIDE (an offset or the pixel count may reach
+2**31); then pixel indices and offsets are computed in int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Split and join trees have log2(TP) levels; TP <= 2**9 covers K = 7 in 3D (343 taps).
+_MAX_LEVELS = 10
+# Triton's interpreter holds bfloat16 as uint16 and its tl.dot multiplies those integers: there,
+# bfloat16 operands are widened to float32 first (their products are exact in float32 either way).
+_WIDEN_BF16_DOTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _index(value, WIDE: tl.constexpr):
+    """``value`` in the integer width of the offsets: int64 when WIDE, unchanged otherwise."""
+    if WIDE:
+        value = value.to(tl.int64)
+    return value
+
+
+@triton.jit
+def _pixel_tile(tile, NPIX, S1, S2, S3, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """Batch and (depth, height, width) index of the BLOCK_P pixels of tile ``tile`` of the
+    flattened (B, S1, S2, S3) grid, and whether each exists."""
+    q = _index(tile, WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = q < NPIX
+    i3 = q % S3
+    rest = q // S3
+    i2 = rest % S2
+    rest = rest // S2
+    return rest // S1, rest % S1, i2, i3, valid
+
+
+@triton.jit
+def _add_at(values, index: tl.constexpr, addend):
+    """``values`` with ``addend`` added to entry ``index`` (tuples are immutable in Triton)."""
+    # Triton's frontend concatenates tuples but does not unpack them into a new one.
+    return values[:index] + (values[index] + addend,) + values[index + 1 :]  # noqa: RUF005
+
+
+@triton.jit
+def _zeros(count: tl.constexpr, shape: tl.constexpr):
+    values = ()
+    for _ in tl.static_range(count):
+        values = values + (tl.zeros(shape, dtype=tl.float32),)  # type: ignore[assignment]  # noqa: RUF005
+    return values
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with float32 accumulation."""
+    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _columns(tile, BLOCK_P: tl.constexpr, TP: tl.constexpr):
+    """The TP columns of a [BLOCK_P, TP] tile as a tuple of [BLOCK_P] vectors, in order.
+
+    Each level splits every tile into its even and odd columns and lists all the even halves
+    before all the odd ones, so that after log2(TP) levels entry j is column j.
+    """
+    cols = (tile,)
+    for level in tl.static_range(_MAX_LEVELS):
+        if (TP >> level) > 1:
+            evens = ()
+            odds = ()
+            for j in tl.static_range(1 << level):
+                if (TP >> level) == 2:
+                    even, odd = tl.split(cols[j])
+                else:
+                    even, odd = tl.split(tl.reshape(cols[j], (BLOCK_P, TP >> (level + 1), 2)))
+                evens = evens + (even,)  # type: ignore[assignment]  # noqa: RUF005
+                odds = odds + (odd,)  # type: ignore[assignment]  # noqa: RUF005
+            cols = evens + odds
+    return cols
+
+
+@triton.jit
+def _tile(cols, BLOCK_P: tl.constexpr, TP: tl.constexpr):
+    """The [BLOCK_P, TP] tile whose columns are the TP vectors ``cols``: ``_columns`` inverted."""
+    for level in tl.static_range(_MAX_LEVELS):
+        if (1 << level) < TP:
+            joined = ()
+            for j in tl.static_range(TP >> (level + 1)):
+                pair = tl.join(cols[j], cols[j + (TP >> (level + 1))])
+                if level > 0:
+                    pair = tl.reshape(pair, (BLOCK_P, 2 << level))
+                joined = joined + (pair,)  # type: ignore[assignment]  # noqa: RUF005
+            cols = joined
+    return cols[0]
+
+
+@triton.jit
+def _generate(
+    f_pix,
+    sf_c,
+    w_group,
+    sw_t,
+    sw_r,
+    bias_group,
+    sb,
+    R,
+    valid,
+    T: tl.constexpr,
+    TP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Kernels of a tile for one group, [BLOCK_P, TP] float32: f [P, R] @ W_g^T [R, TP] + b_g.
+
+    ``f_pix`` points at each pixel's first feature, ``w_group`` and ``bias_group`` at the
+    group's first row of W and b; taps past T are zero.
+    """
+    t = tl.arange(0, TP)
+    acc = tl.zeros((BLOCK_P, TP), dtype=tl.float32)
+    r0 = 0
+    while r0 < R:
+        r = r0 + tl.arange(0, BLOCK_R)
+        in_r = r < R
+        f = tl.load(
+            f_pix[:, None] + r[None, :] * sf_c, mask=valid[:, None] & in_r[None, :], other=0.0
+        )
+        w = tl.load(
+            w_group + t[None, :] * sw_t + r[:, None] * sw_r,
+            mask=(t < T)[None, :] & in_r[:, None],
+            other=0.0,
+        )
+        acc = _dot(f, w, acc, PRECISION)
+        r0 += BLOCK_R
+    if HAS_BIAS:
+        acc += tl.load(bias_group + t * sb, mask=t < T, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _kernel_gradient(
+    gy_pix,
+    sgy_c,
+    x_pix,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    id0,
+    ih0,
+    iw0,
+    valid,
+    D,
+    H,
+    W,
+    CG: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    TP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c] over one group's channels, as TP float32
+    vectors [BLOCK_P] (zero past T).
+
+    ``gy_pix`` and ``x_pix`` point at each pixel's first group channel of grad_out and at the
+    input pixel of tap 0 (window corner ``id0, ih0, iw0``), which may lie outside the input.
+    """
+    dk = _zeros(TP, (BLOCK_P,))
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        gy = tl.load(
+            gy_pix[:, None] + c[None, :] * sgy_c, mask=valid[:, None] & in_c[None, :], other=0.0
+        ).to(tl.float32)
+        for kd in tl.static_range(KD):
+            i_d = id0 + kd * DD
+            ok_d = valid & (i_d >= 0) & (i_d < D)
+            for kh in tl.static_range(KH):
+                i_h = ih0 + kh * DH
+                ok_h = ok_d & (i_h >= 0) & (i_h < H)
+                for kw in tl.static_range(KW):
+                    i_w = iw0 + kw * DW
+                    ok = ok_h & (i_w >= 0) & (i_w < W)
+                    offset = kd * DD * sx_d + kh * DH * sx_h + kw * DW * sx_w
+                    xv = tl.load(
+                        x_pix[:, None] + offset + c[None, :] * sx_c,
+                        mask=ok[:, None] & in_c[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    dk = _add_at(dk, (kd * KH + kh) * KW + kw, tl.sum(gy * xv, axis=1))
+    return dk
+
+
+@triton.jit
+def fused_forward_kernel(
+    x_ptr,  # (B, C, D, H, W), any strides
+    f_ptr,  # (B, R, OD, OH, OW), any strides
+    w_ptr,  # (G * T, R)
+    b_ptr,  # (G * T,); unused when HAS_BIAS is false
+    y_ptr,  # (B, C, OD, OH, OW), any strides
+    NPIX,  # B * OD * OH * OW
+    G,
+    R,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    sx_b,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    sf_b,
+    sf_c,
+    sf_d,
+    sf_h,
+    sf_w,
+    sy_b,
+    sy_c,
+    sy_d,
+    sy_h,
+    sy_w,
+    sw_t,
+    sw_r,
+    sb,
+    CG: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    TP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    T: tl.constexpr = KD * KH * KW
+    # The groups of a tile are neighbouring programs: its features are read from L2 once.
+    pid = tl.program_id(0)
+    tile = pid // G
+    g = _index(pid % G, WIDE)
+    b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
+    f_pix = f_ptr + b * sf_b + od * sf_d + oh * sf_h + ow * sf_w
+    kernel = _generate(
+        f_pix,
+        sf_c,
+        w_ptr + g * T * sw_t,
+        sw_t,
+        sw_r,
+        b_ptr + g * T * sb,
+        sb,
+        R,
+        valid,
+        T,
+        TP,
+        HAS_BIAS,
+        BLOCK_P,
+        BLOCK_R,
+        PRECISION,
+    )
+    taps = _columns(kernel, BLOCK_P, TP)
+    id0 = od * SD - PD
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_pix = x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w + g * CG * sx_c
+    y_pix = y_ptr + b * sy_b + od * sy_d + oh * sy_h + ow * sy_w + g * CG * sy_c
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for kd in tl.static_range(KD):
+            i_d = id0 + kd * DD
+            ok_d = valid & (i_d >= 0) & (i_d < D)
+            for kh in tl.static_range(KH):
+                i_h = ih0 + kh * DH
+                ok_h = ok_d & (i_h >= 0) & (i_h < H)
+                for kw in tl.static_range(KW):
+                    i_w = iw0 + kw * DW
+                    ok = ok_h & (i_w >= 0) & (i_w < W)
+                    offset = kd * DD * sx_d + kh * DH * sx_h + kw * DW * sx_w
+                    xv = tl.load(
+                        x_pix[:, None] + offset + c[None, :] * sx_c,
+                        mask=ok[:, None] & in_c[None, :],
+                        other=0.0,
+                    )
+                    acc += taps[(kd * KH + kh) * KW + kw][:, None] * xv.to(tl.float32)
+        tl.store(
+            y_pix[:, None] + c[None, :] * sy_c,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=valid[:, None] & in_c[None, :],
+        )
+
+
+@triton.jit
+def fused_grad_features_kernel(
+    gy_ptr,  # (B, C, OD, OH, OW), any strides
+    x_ptr,  # (B, C, D, H, W), any strides
+    w_ptr,  # (G * T, R)
+    gf_ptr,  # (B, R, OD, OH, OW), any strides
+    NPIX,
+    G,
+    R,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    sgy_b,
+    sgy_c,
+    sgy_d,
+    sgy_h,
+    sgy_w,
+    sx_b,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    sgf_b,
+    sgf_c,
+    sgf_d,
+    sgf_h,
+    sgf_w,
+    sw_t,
+    sw_r,
+    CG: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    TP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """d_features[p] = sum_g dK_g[p] @ W_g for one tile, summed over groups in order."""
+    T: tl.constexpr = KD * KH * KW
+    b, od, oh, ow, valid = _pixel_tile(tl.program_id(0), NPIX, OD, OH, OW, BLOCK_P, WIDE)
+    id0 = od * SD - PD
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    gy_pix = gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w
+    x_pix = x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w
+    gf_pix = gf_ptr + b * sgf_b + od * sgf_d + oh * sgf_h + ow * sgf_w
+    t = tl.arange(0, TP)
+    # One chunk for R <= BLOCK_R (RedNet's R <= 128); wider features recompute dK per chunk.
+    r0 = 0
+    while r0 < R:
+        r = r0 + tl.arange(0, BLOCK_R)
+        in_r = r < R
+        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+        g = 0
+        while g < G:
+            channel = _index(g, WIDE) * CG
+            dk = _kernel_gradient(
+                gy_pix + channel * sgy_c,
+                sgy_c,
+                x_pix + channel * sx_c,
+                sx_c,
+                sx_d,
+                sx_h,
+                sx_w,
+                id0,
+                ih0,
+                iw0,
+                valid,
+                D,
+                H,
+                W,
+                CG,
+                KD,
+                KH,
+                KW,
+                DD,
+                DH,
+                DW,
+                TP,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            w = tl.load(
+                w_ptr + (_index(g, WIDE) * T + t)[:, None] * sw_t + r[None, :] * sw_r,
+                mask=(t < T)[:, None] & in_r[None, :],
+                other=0.0,
+            )
+            dk_tile = _tile(dk, BLOCK_P, TP).to(w.dtype)
+            acc = _dot(dk_tile, w, acc, PRECISION)
+            g += 1
+        tl.store(
+            gf_pix[:, None] + r[None, :] * sgf_c,
+            acc.to(gf_ptr.dtype.element_ty),
+            mask=valid[:, None] & in_r[None, :],
+        )
+        r0 += BLOCK_R
+
+
+@triton.jit
+def fused_grad_weight_kernel(
+    gy_ptr,  # (B, C, OD, OH, OW), any strides
+    x_ptr,  # (B, C, D, H, W), any strides
+    f_ptr,  # (B, R, OD, OH, OW), any strides
+    gw_ptr,  # (CHUNKS, G * T, R) float32, contiguous: partial sums of d_weight
+    gb_ptr,  # (CHUNKS, G * T) float32, contiguous: partial sums of d_bias
+    NPIX,
+    NTILES,
+    TILES_PER_CHUNK,
+    G,
+    R,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    sgy_b,
+    sgy_c,
+    sgy_d,
+    sgy_h,
+    sgy_w,
+    sx_b,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    sf_b,
+    sf_c,
+    sf_d,
+    sf_h,
+    sf_w,
+    CG: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    TP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """Partial sums over one chunk of tiles of dW_g = dK_g^T @ f and d_bias_g = sum_p dK_g."""
+    T: tl.constexpr = KD * KH * KW
+    pid = tl.program_id(0)
+    chunk = pid // G
+    g = _index(pid % G, WIDE)
+    first = chunk * TILES_PER_CHUNK
+    last = tl.minimum(first + TILES_PER_CHUNK, NTILES)
+    t = tl.arange(0, TP)
+    row = (_index(chunk, WIDE) * G + g) * T + t  # row of each tap in the (CHUNKS * G * T) rows
+    r0 = 0
+    while r0 < R:
+        r = r0 + tl.arange(0, BLOCK_R)
+        in_r = r < R
+        acc_w = tl.zeros((TP, BLOCK_R), dtype=tl.float32)
+        acc_b = tl.zeros((TP,), dtype=tl.float32)
+        tile = first
+        while tile < last:
+            b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
+            id0 = od * SD - PD
+            ih0 = oh * SH - PH
+            iw0 = ow * SW - PW
+            dk = _kernel_gradient(
+                gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w + g * CG * sgy_c,
+                sgy_c,
+                x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w + g * CG * sx_c,
+                sx_c,
+                sx_d,
+                sx_h,
+                sx_w,
+                id0,
+                ih0,
+                iw0,
+                valid,
+                D,
+                H,
+                W,
+                CG,
+                KD,
+                KH,
+                KW,
+                DD,
+                DH,
+                DW,
+                TP,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            f_pix = f_ptr + b * sf_b + od * sf_d + oh * sf_h + ow * sf_w
+            f = tl.load(
+                f_pix[:, None] + r[None, :] * sf_c, mask=valid[:, None] & in_r[None, :], other=0.0
+            )
+            dk_tile = _tile(dk, BLOCK_P, TP)
+            acc_w = _dot(tl.trans(dk_tile.to(f.dtype)), f, acc_w, PRECISION)
+            acc_b += tl.sum(dk_tile, axis=0)
+            tile += 1
+        tl.store(
+            gw_ptr + row[:, None] * R + r[None, :],
+            acc_w,
+            mask=(t < T)[:, None] & in_r[None, :],
+        )
+        if r0 == 0:
+            tl.store(gb_ptr + row, acc_b, mask=t < T)
+        r0 += BLOCK_R
+
+
+@triton.jit
+def _recomputed_kernel(
+    f_pix,
+    sf_c,
+    w_row,
+    sw_r,
+    R,
+    ok,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """K[o, t] without the bias: the dot of each pixel's R features with row t of W, float32.
+
+    Features are read in chunks of BLOCK_C, the width of the channel tiles they multiply, so
+    that the sums land in the channel tiles' layout.
+    """
+    k = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    r0 = 0
+    while r0 < R:
+        r = r0 + tl.arange(0, BLOCK_C)
+        in_r = r < R
+        f = tl.load(f_pix[:, None] + r[None, :] * sf_c, mask=ok[:, None] & in_r[None, :], other=0.0)
+        w = tl.load(w_row + r * sw_r, mask=in_r, other=0.0)
+        k += tl.sum(f.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
+        r0 += BLOCK_C
+    return k
+
+
+@triton.jit
+def fused_grad_input_kernel(
+    gy_ptr,  # (B, C, OD, OH, OW), any strides
+    f_ptr,  # (B, R, OD, OH, OW), any strides
+    w_ptr,  # (G * T, R)
+    b_ptr,  # (G * T,); unused when HAS_BIAS is false
+    gx_ptr,  # (B, C, D, H, W), any strides
+    NQ,  # B * QD * QH * QW: input pixels of one residue class
+    G,
+    R,
+    D,
+    H,
+    W,
+    OD,
+    OH,
+    OW,
+    QD,
+    QH,
+    QW,
+    sgy_b,
+    sgy_c,
+    sgy_d,
+    sgy_h,
+    sgy_w,
+    sf_b,
+    sf_c,
+    sf_d,
+    sf_h,
+    sf_w,
+    sgx_b,
+    sgx_c,
+    sgx_d,
+    sgx_h,
+    sgx_w,
+    sw_t,
+    sw_r,
+    sb,
+    CG: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """d_input of one group for a tile of input pixels of one residue modulo the stride.
+
+    Output pixel o reads input pixel i = o * S - PAD + k * DIL, so tap k reaches i from
+    o = (i + PAD - k * DIL) / S when that divides exactly. Lanes index the input on the
+    quotient grid i = res + q * S, and axis 1 of the grid takes one residue ``res`` per
+    program; the kernel is compiled with a branch per residue, in which the taps that reach it
+    and their output offsets (res + PAD - k * DIL) / S are known at compile time.
+    """
+    T: tl.constexpr = KD * KH * KW
+    pid = tl.program_id(0)
+    tile = pid // G
+    g = _index(pid % G, WIDE)
+    residue = tl.program_id(1)
+    b, qd, qh, qw, valid = _pixel_tile(tile, NQ, QD, QH, QW, BLOCK_P, WIDE)
+    for res_d in tl.static_range(SD):
+        for res_h in tl.static_range(SH):
+            for res_w in tl.static_range(SW):
+                if residue == (res_d * SH + res_h) * SW + res_w:
+                    i_d = res_d + qd * SD
+                    i_h = res_h + qh * SH
+                    i_w = res_w + qw * SW
+                    inside = valid & (i_d < D) & (i_h < H) & (i_w < W)
+                    gy_b = gy_ptr + b * sgy_b + g * CG * sgy_c
+                    f_b = f_ptr + b * sf_b
+                    gx_pix = gx_ptr + b * sgx_b + i_d * sgx_d + i_h * sgx_h + i_w * sgx_w
+                    for c0 in range(0, CG, BLOCK_C):
+                        c = c0 + tl.arange(0, BLOCK_C)
+                        in_c = c < CG
+                        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+                        for kd in tl.static_range(KD):
+                            if (res_d + PD - kd * DD) % SD == 0:
+                                o_d = qd + (res_d + PD - kd * DD) // SD
+                                ok_d = inside & (o_d >= 0) & (o_d < OD)
+                                for kh in tl.static_range(KH):
+                                    if (res_h + PH - kh * DH) % SH == 0:
+                                        o_h = qh + (res_h + PH - kh * DH) // SH
+                                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
+                                        for kw in tl.static_range(KW):
+                                            if (res_w + PW - kw * DW) % SW == 0:
+                                                o_w = qw + (res_w + PW - kw * DW) // SW
+                                                ok = ok_h & (o_w >= 0) & (o_w < OW)
+                                                tap = (kd * KH + kh) * KW + kw
+                                                row = g * T + tap
+                                                k = _recomputed_kernel(
+                                                    f_b + o_d * sf_d + o_h * sf_h + o_w * sf_w,
+                                                    sf_c,
+                                                    w_ptr + row * sw_t,
+                                                    sw_r,
+                                                    R,
+                                                    ok,
+                                                    BLOCK_P,
+                                                    BLOCK_C,
+                                                )
+                                                if HAS_BIAS:
+                                                    k += tl.load(b_ptr + row * sb).to(tl.float32)
+                                                gy_o = gy_b + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
+                                                gv = tl.load(
+                                                    gy_o[:, None] + c[None, :] * sgy_c,
+                                                    mask=ok[:, None] & in_c[None, :],
+                                                    other=0.0,
+                                                ).to(tl.float32)
+                                                acc += k[:, None] * gv
+                        tl.store(
+                            gx_pix[:, None] + g * CG * sgx_c + c[None, :] * sgx_c,
+                            acc.to(gx_ptr.dtype.element_ty),
+                            mask=inside[:, None] & in_c[None, :],
+                        )
