@@ -51,8 +51,11 @@ dW), and neither accumulator fits in registers across the other's loop, so each 
   whole tile of K at the shifted pixels o, which Triton can only hold in registers of other
   threads (no shifted register views) or in a global scratch tile.
 
-Loops over runtime bounds are ``while`` loops: Triton's interpreter cannot take a runtime
-bound in ``range`` with NumPy 2.4.
+The hidden feature count R is a compile-time constant, like the channels per group: the chunk
+loops over it then have known bounds and aligned starts (vector loads, masks folded away when R
+fills its block), and a network compiles one variant per layer width, as it does anyway for the
+block sizes. Loops over runtime bounds are ``while`` loops: Triton's interpreter cannot take a
+runtime bound in ``range`` with NumPy 2.4.
 
 Sizes and offsets are int32 unless the host sets WIDE (an offset or the pixel count may reach
 2**31); then pixel indices and offsets are computed in int64.
@@ -66,9 +69,11 @@ import triton
 import triton.language as tl
 
 # Split and join trees have log2(TP) levels; TP <= 2**9 covers K = 7 in 3D (343 taps).
-_MAX_LEVELS = 10
+_MAX_LEVELS = tl.constexpr(10)
 # Triton's interpreter holds bfloat16 as uint16 and its tl.dot multiplies those integers: there,
 # bfloat16 operands are widened to float32 first (their products are exact in float32 either way).
+# The narrowest operand tl.dot takes: the column of ones that sums d_bias.
+_ONES = tl.constexpr(16)
 _WIDEN_BF16_DOTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -164,7 +169,7 @@ def _generate(
     sw_r,
     bias_group,
     sb,
-    R,
+    R: tl.constexpr,
     valid,
     T: tl.constexpr,
     TP: tl.constexpr,
@@ -180,8 +185,7 @@ def _generate(
     """
     t = tl.arange(0, TP)
     acc = tl.zeros((BLOCK_P, TP), dtype=tl.float32)
-    r0 = 0
-    while r0 < R:
+    for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
         f = tl.load(
@@ -193,7 +197,6 @@ def _generate(
             other=0.0,
         )
         acc = _dot(f, w, acc, PRECISION)
-        r0 += BLOCK_R
     if HAS_BIAS:
         acc += tl.load(bias_group + t * sb, mask=t < T, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -203,7 +206,7 @@ def _generate(
 def _kernel_gradient(
     gy_pix,
     sgy_c,
-    x_pix,
+    x_group,
     sx_c,
     sx_d,
     sx_h,
@@ -229,8 +232,9 @@ def _kernel_gradient(
     """dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c] over one group's channels, as TP float32
     vectors [BLOCK_P] (zero past T).
 
-    ``gy_pix`` and ``x_pix`` point at each pixel's first group channel of grad_out and at the
-    input pixel of tap 0 (window corner ``id0, ih0, iw0``), which may lie outside the input.
+    ``gy_pix`` points at each pixel's first group channel of grad_out, ``x_group`` at the first
+    group channel of each pixel's batch in the input; ``id0, ih0, iw0`` is the corner of each
+    pixel's window, which may lie outside the input.
     """
     dk = _zeros(TP, (BLOCK_P,))
     for c0 in range(0, CG, BLOCK_C):
@@ -245,12 +249,12 @@ def _kernel_gradient(
             for kh in tl.static_range(KH):
                 i_h = ih0 + kh * DH
                 ok_h = ok_d & (i_h >= 0) & (i_h < H)
+                x_row = x_group + i_d * sx_d + i_h * sx_h
                 for kw in tl.static_range(KW):
                     i_w = iw0 + kw * DW
                     ok = ok_h & (i_w >= 0) & (i_w < W)
-                    offset = kd * DD * sx_d + kh * DH * sx_h + kw * DW * sx_w
                     xv = tl.load(
-                        x_pix[:, None] + offset + c[None, :] * sx_c,
+                        (x_row + i_w * sx_w)[:, None] + c[None, :] * sx_c,
                         mask=ok[:, None] & in_c[None, :],
                         other=0.0,
                     ).to(tl.float32)
@@ -267,7 +271,6 @@ def fused_forward_kernel(
     y_ptr,  # (B, C, OD, OH, OW), any strides
     NPIX,  # B * OD * OH * OW
     G,
-    R,
     D,
     H,
     W,
@@ -293,6 +296,7 @@ def fused_forward_kernel(
     sw_r,
     sb,
     CG: tl.constexpr,
+    R: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -378,7 +382,6 @@ def fused_grad_features_kernel(
     gf_ptr,  # (B, R, OD, OH, OW), any strides
     NPIX,
     G,
-    R,
     D,
     H,
     W,
@@ -403,6 +406,7 @@ def fused_grad_features_kernel(
     sw_t,
     sw_r,
     CG: tl.constexpr,
+    R: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -429,29 +433,34 @@ def fused_grad_features_kernel(
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     gy_pix = gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w
-    x_pix = x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w
+    x_batch = x_ptr + b * sx_b
     gf_pix = gf_ptr + b * sgf_b + od * sgf_d + oh * sgf_h + ow * sgf_w
     t = tl.arange(0, TP)
+    # The grid has one row, so program_id(1) is zero, but the compiler cannot know it: adding
+    # g * program_id(1) to the window corner keeps each tap's mask and address inside the group
+    # loop (a few integer operations per tap) instead of hoisting 49 of each out of it, which
+    # spills registers.
+    unknown_zero = tl.program_id(1)
     # One chunk for R <= BLOCK_R (RedNet's R <= 128); wider features recompute dK per chunk.
-    r0 = 0
-    while r0 < R:
+    for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
         acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
         g = 0
         while g < G:
             channel = _index(g, WIDE) * CG
+            shift = g * unknown_zero
             dk = _kernel_gradient(
                 gy_pix + channel * sgy_c,
                 sgy_c,
-                x_pix + channel * sx_c,
+                x_batch + channel * sx_c,
                 sx_c,
                 sx_d,
                 sx_h,
                 sx_w,
-                id0,
-                ih0,
-                iw0,
+                id0 + shift,
+                ih0 + shift,
+                iw0 + shift,
                 valid,
                 D,
                 H,
@@ -480,7 +489,6 @@ def fused_grad_features_kernel(
             acc.to(gf_ptr.dtype.element_ty),
             mask=valid[:, None] & in_r[None, :],
         )
-        r0 += BLOCK_R
 
 
 @triton.jit
@@ -494,7 +502,6 @@ def fused_grad_weight_kernel(
     NTILES,
     TILES_PER_CHUNK,
     G,
-    R,
     D,
     H,
     W,
@@ -517,6 +524,7 @@ def fused_grad_weight_kernel(
     sf_h,
     sf_w,
     CG: tl.constexpr,
+    R: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -545,12 +553,13 @@ def fused_grad_weight_kernel(
     last = tl.minimum(first + TILES_PER_CHUNK, NTILES)
     t = tl.arange(0, TP)
     row = (_index(chunk, WIDE) * G + g) * T + t  # row of each tap in the (CHUNKS * G * T) rows
-    r0 = 0
-    while r0 < R:
+    for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
         acc_w = tl.zeros((TP, BLOCK_R), dtype=tl.float32)
-        acc_b = tl.zeros((TP,), dtype=tl.float32)
+        # d_bias as a product with a column of ones, on the tensor cores beside d_weight: a
+        # sum over the tile's pixels would cross every lane of the program at each tile.
+        acc_b = tl.zeros((TP, _ONES), dtype=tl.float32)
         tile = first
         while tile < last:
             b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
@@ -560,7 +569,7 @@ def fused_grad_weight_kernel(
             dk = _kernel_gradient(
                 gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w + g * CG * sgy_c,
                 sgy_c,
-                x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w + g * CG * sx_c,
+                x_ptr + b * sx_b + g * CG * sx_c,
                 sx_c,
                 sx_d,
                 sx_h,
@@ -587,9 +596,9 @@ def fused_grad_weight_kernel(
             f = tl.load(
                 f_pix[:, None] + r[None, :] * sf_c, mask=valid[:, None] & in_r[None, :], other=0.0
             )
-            dk_tile = _tile(dk, BLOCK_P, TP)
-            acc_w = _dot(tl.trans(dk_tile.to(f.dtype)), f, acc_w, PRECISION)
-            acc_b += tl.sum(dk_tile, axis=0)
+            dk_t = tl.trans(_tile(dk, BLOCK_P, TP).to(f.dtype))
+            acc_w = _dot(dk_t, f, acc_w, PRECISION)
+            acc_b = _dot(dk_t, tl.full((BLOCK_P, _ONES), 1.0, f.dtype), acc_b, PRECISION)
             tile += 1
         tl.store(
             gw_ptr + row[:, None] * R + r[None, :],
@@ -597,8 +606,13 @@ def fused_grad_weight_kernel(
             mask=(t < T)[:, None] & in_r[None, :],
         )
         if r0 == 0:
-            tl.store(gb_ptr + row, acc_b, mask=t < T)
-        r0 += BLOCK_R
+            # Every column of acc_b holds the sums; the first is stored.
+            first_column = tl.arange(0, _ONES) == 0
+            tl.store(
+                gb_ptr + row[:, None] + first_column[None, :],
+                acc_b,
+                mask=(t < T)[:, None] & first_column[None, :],
+            )
 
 
 @triton.jit
@@ -607,7 +621,7 @@ def _recomputed_kernel(
     sf_c,
     w_row,
     sw_r,
-    R,
+    R: tl.constexpr,
     ok,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -618,14 +632,12 @@ def _recomputed_kernel(
     that the sums land in the channel tiles' layout.
     """
     k = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    r0 = 0
-    while r0 < R:
+    for r0 in range(0, R, BLOCK_C):
         r = r0 + tl.arange(0, BLOCK_C)
         in_r = r < R
         f = tl.load(f_pix[:, None] + r[None, :] * sf_c, mask=ok[:, None] & in_r[None, :], other=0.0)
         w = tl.load(w_row + r * sw_r, mask=in_r, other=0.0)
         k += tl.sum(f.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
-        r0 += BLOCK_C
     return k
 
 
@@ -638,7 +650,6 @@ def fused_grad_input_kernel(
     gx_ptr,  # (B, C, D, H, W), any strides
     NQ,  # B * QD * QH * QW: input pixels of one residue class
     G,
-    R,
     D,
     H,
     W,
@@ -667,6 +678,7 @@ def fused_grad_input_kernel(
     sw_r,
     sb,
     CG: tl.constexpr,
+    R: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -739,7 +751,9 @@ def fused_grad_input_kernel(
                                                 )
                                                 if HAS_BIAS:
                                                     k += tl.load(b_ptr + row * sb).to(tl.float32)
-                                                gy_o = gy_b + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
+                                                gy_o = (
+                                                    gy_b + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
+                                                )
                                                 gv = tl.load(
                                                     gy_o[:, None] + c[None, :] * sgy_c,
                                                     mask=ok[:, None] & in_c[None, :],

@@ -7,15 +7,22 @@ Tensors are passed with their strides and results are allocated in the input's m
 ones with leading spatial dimensions of size 1, given stride 0.
 
 Configuration is a fixed rule, not autotuning: a network's first step compiles every variant it
-meets, and RedNet-50 meets about ten (dtype, geometry) pairs.
+meets (one per dtype, geometry and layer width), and compiling each several times would multiply
+that. The rule was checked by compiling for sm_90 (``benchmarks/bench_fused_gpu.py --sass``):
+no spills at RedNet's widths, bfloat16 and float32, stride 1 and 2.
 
-* BLOCK_P = 64 pixels per program with 4 warps: one pixel per thread pair in the channel
-  tiles, and the tensor-core tile (64 rows) of sm_90. BLOCK_P = 128 held twice the kernel
-  columns per thread and spilled for float32 (``benchmarks/fused_sass.py``).
-* BLOCK_C: 32 bytes of a pixel's group channels per channel tile, so that two threads share a
-  pixel with one 16-byte vector load each (16 bfloat16/float16 or 8 float32 channels).
-* BLOCK_R: the hidden features in one chunk, up to 128 (RedNet's largest R); TP: the taps
-  rounded up to a power of two, at least 16 (the smallest ``tl.dot``).
+* BLOCK_P = 64 pixels per program: the tensor-core tile of sm_90 (64 rows). 128 held twice
+  the kernel columns per thread and spilled.
+* BLOCK_C = a group's channels, up to 16, per channel tile; each thread loads 16 bytes of a
+  pixel's channels, so two threads share a pixel for 16-bit types and four for float32, and
+  the warps are as many as that takes for 64 pixels (4 and 8). Fewer threads per pixel (two
+  chunks of 8 float32 channels) kept 64 kernel-gradient sums alive across the chunk loop and
+  spilled.
+* BLOCK_R: the hidden features in one chunk, at least 16 (the smallest ``tl.dot``), up to 128
+  in the forward and 64 in the backward, whose [64, BLOCK_R] float32 accumulators of d_features
+  and d_weight would otherwise take 64 registers per thread; R = 128 (RedNet's last stage)
+  recomputes the kernel gradient once per chunk. TP: the taps rounded up to a power of two, at
+  least 16.
 * d_weight's partial sums: about ``_TARGET_PROGRAMS`` programs (chunks of tiles times groups),
   each chunk of at least ``_MIN_TILES_PER_CHUNK`` tiles so that the float32 partials stay small
   next to the tensors; the chunk count depends on the shapes only, so results are the same on
@@ -33,6 +40,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -43,9 +52,10 @@ from . import fused_kernels
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _BLOCK_P = 16 if _INTERPRETED else 64
-_NUM_WARPS = 4
-_CHANNEL_BYTES = 8 if _INTERPRETED else 32
-_MAX_BLOCK_R = 16 if _INTERPRETED else 128
+_MAX_BLOCK_C = 2 if _INTERPRETED else 16
+_VECTOR_BYTES = 16
+_MAX_BLOCK_R_FORWARD = 16 if _INTERPRETED else 128
+_MAX_BLOCK_R_BACKWARD = 16 if _INTERPRETED else 64
 _TARGET_PROGRAMS = 512
 _MIN_TILES_PER_CHUNK = 2 if _INTERPRETED else 8
 
@@ -79,7 +89,9 @@ def _geometry(
 
 def _wide(count: int, *tensors: torch.Tensor) -> bool:
     """Whether a flattened index (up to ``count``) or an element offset may reach 2**31."""
-    largest = max(sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) for t in tensors)
+    largest = max(
+        sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) for t in tensors
+    )
     return count + _BLOCK_P >= 2**31 or largest >= 2**31
 
 
@@ -90,20 +102,204 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _common(
-    input: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, kernel_size: Sequence[int]
-) -> dict[str, int]:
-    """Constants shared by the kernels: channels per group, tap and feature blocks."""
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: Sequence[int],
+    max_block_r: int,
+) -> dict[str, Any]:
+    """Constants and warps shared by the kernels (see the module docstring)."""
     groups = weight.shape[0] // math.prod(kernel_size)
     channels_per_group = input.shape[1] // groups
     hidden = features.shape[1]
-    elements = _CHANNEL_BYTES // input.element_size()
+    block_c = min(triton.next_power_of_2(channels_per_group), _MAX_BLOCK_C)
+    lanes_per_pixel = max(1, block_c * input.element_size() // _VECTOR_BYTES)
     return {
         "CG": channels_per_group,
+        "R": hidden,
         "TP": max(16, triton.next_power_of_2(math.prod(kernel_size))),
         "BLOCK_P": _BLOCK_P,
-        "BLOCK_R": min(max(16, triton.next_power_of_2(hidden)), _MAX_BLOCK_R),
-        "BLOCK_C": min(max(1, triton.next_power_of_2(channels_per_group)), max(1, elements)),
+        "BLOCK_R": min(max(16, triton.next_power_of_2(hidden)), max_block_r),
+        "BLOCK_C": block_c,
+        "num_warps": max(1, min(8, _BLOCK_P * lanes_per_pixel // 32)),
     }
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **kwargs)``, kept apart so that a static
+    profile (``benchmarks/bench_fused_gpu.py --sass``) compiles exactly what would run."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def forward_launch(
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    out: torch.Tensor,
+) -> Launch:
+    """The launch of the forward kernel that writes ``out``; see :func:`fused_forward`."""
+    batch = input.shape[0]
+    out_size = tuple(features.shape[2:])
+    groups = weight.shape[0] // math.prod(kernel_size)
+    pixels = batch * math.prod(out_size)
+    return Launch(
+        fused_kernels.fused_forward_kernel,
+        (triton.cdiv(pixels, _BLOCK_P) * groups,),
+        (
+            input,
+            features,
+            weight,
+            weight if bias is None else bias,
+            out,
+            pixels,
+            groups,
+            *_to_3d(input.shape[2:], 1),
+            *_to_3d(out_size, 1),
+            *_strides(input),
+            *_strides(features),
+            *_strides(out),
+            *weight.stride(),
+            0 if bias is None else bias.stride(0),
+        ),
+        {
+            **_common(input, features, weight, kernel_size, _MAX_BLOCK_R_FORWARD),
+            **_geometry(kernel_size, stride, padding, dilation),
+            "HAS_BIAS": bias is not None,
+            "PRECISION": _precision(input.dtype),
+            "WIDE": _wide(pixels, input, features, out),
+        },
+    )
+
+
+def backward_launches(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    grad_input: torch.Tensor,
+    grad_features: torch.Tensor,
+    partial_weight: torch.Tensor,
+    partial_bias: torch.Tensor,
+) -> tuple[Launch, Launch, Launch]:
+    """The launches of the three backward kernels, writing ``grad_features``, the partial sums
+    (shaped by :func:`weight_chunks`) and ``grad_input``; see :func:`fused_backward`."""
+    batch = input.shape[0]
+    taps = math.prod(kernel_size)
+    groups = weight.shape[0] // taps
+    out_size = tuple(features.shape[2:])
+    pixels = batch * math.prod(out_size)
+    tiles = triton.cdiv(pixels, _BLOCK_P)
+    common = _common(input, features, weight, kernel_size, _MAX_BLOCK_R_BACKWARD)
+    geometry = _geometry(kernel_size, stride, padding, dilation)
+    constants = {
+        **common,
+        **geometry,
+        "PRECISION": _precision(input.dtype),
+        "WIDE": _wide(pixels, grad_out, input, features),
+    }
+    sizes = (*_to_3d(input.shape[2:], 1), *_to_3d(out_size, 1))
+    grad_features_launch = Launch(
+        fused_kernels.fused_grad_features_kernel,
+        (tiles,),
+        (
+            grad_out,
+            input,
+            weight,
+            grad_features,
+            pixels,
+            groups,
+            *sizes,
+            *_strides(grad_out),
+            *_strides(input),
+            *_strides(grad_features),
+            *weight.stride(),
+        ),
+        constants,
+    )
+    chunks = partial_weight.shape[0]
+    grad_weight_launch = Launch(
+        fused_kernels.fused_grad_weight_kernel,
+        (chunks * groups,),
+        (
+            grad_out,
+            input,
+            features,
+            partial_weight,
+            partial_bias,
+            pixels,
+            tiles,
+            triton.cdiv(tiles, chunks),
+            groups,
+            *sizes,
+            *_strides(grad_out),
+            *_strides(input),
+            *_strides(features),
+        ),
+        constants,
+    )
+    strides = _to_3d(stride, 1)
+    in_size = _to_3d(input.shape[2:], 1)
+    quotient = [triton.cdiv(n, s) for n, s in zip(in_size, strides, strict=True)]
+    quotient_pixels = batch * math.prod(quotient)
+    grad_input_launch = Launch(
+        fused_kernels.fused_grad_input_kernel,
+        (triton.cdiv(quotient_pixels, _BLOCK_P) * groups, math.prod(strides)),
+        (
+            grad_out,
+            features,
+            weight,
+            weight if bias is None else bias,
+            grad_input,
+            quotient_pixels,
+            groups,
+            *sizes,
+            *quotient,
+            *_strides(grad_out),
+            *_strides(features),
+            *_strides(grad_input),
+            *weight.stride(),
+            0 if bias is None else bias.stride(0),
+        ),
+        {
+            **geometry,
+            "CG": common["CG"],
+            "R": common["R"],
+            "HAS_BIAS": bias is not None,
+            "BLOCK_P": _BLOCK_P,
+            "BLOCK_C": common["BLOCK_C"],
+            "num_warps": common["num_warps"],
+            "WIDE": _wide(batch * math.prod(in_size), grad_out, features, input),
+        },
+    )
+    return grad_features_launch, grad_weight_launch, grad_input_launch
+
+
+def weight_chunks(pixels: int, groups: int) -> int:
+    """How many chunks of tiles d_weight's partial sums take: see the module docstring."""
+    tiles = triton.cdiv(pixels, _BLOCK_P)
+    chunks = max(
+        1, min(triton.cdiv(_TARGET_PROGRAMS, groups), triton.cdiv(tiles, _MIN_TILES_PER_CHUNK))
+    )
+    # Equal chunks: the last one must not be empty.
+    return triton.cdiv(tiles, triton.cdiv(tiles, chunks))
 
 
 def fused_forward(
@@ -129,37 +325,10 @@ def fused_forward(
         (B, C, *out), in the input's memory format.
     """
     batch, channels = input.shape[:2]
-    out_size = tuple(features.shape[2:])
-    out = layout.empty((batch, channels, *out_size), input, layout.channels_last(input))
-    if out.numel() == 0:
-        return out
-    groups = weight.shape[0] // math.prod(kernel_size)
-    pixels = batch * math.prod(out_size)
-    common = _common(input, features, weight, kernel_size)
-    tiles = triton.cdiv(pixels, _BLOCK_P)
-    fused_kernels.fused_forward_kernel[(tiles * groups,)](
-        input,
-        features,
-        weight,
-        weight if bias is None else bias,
-        out,
-        pixels,
-        groups,
-        features.shape[1],
-        *_to_3d(input.shape[2:], 1),
-        *_to_3d(out_size, 1),
-        *_strides(input),
-        *_strides(features),
-        *_strides(out),
-        *weight.stride(),
-        0 if bias is None else bias.stride(0),
-        **common,
-        **_geometry(kernel_size, stride, padding, dilation),
-        HAS_BIAS=bias is not None,
-        PRECISION=_precision(input.dtype),
-        WIDE=_wide(pixels, input, features, out),
-        num_warps=_NUM_WARPS,
-    )
+    shape = (batch, channels, *features.shape[2:])
+    out = layout.empty(shape, input, layout.channels_last(input))
+    if out.numel() > 0:
+        forward_launch(input, features, weight, bias, kernel_size, stride, padding, dilation, out)()
     return out
 
 
@@ -186,104 +355,35 @@ def fused_backward(
     """
     grad_input = layout.empty(input.shape, input, layout.channels_last(input))
     grad_features = layout.empty(features.shape, features, layout.channels_last(features))
-    batch, channels = input.shape[:2]
-    taps = math.prod(kernel_size)
-    groups = weight.shape[0] // taps
-    hidden = features.shape[1]
-    out_size = tuple(features.shape[2:])
-    pixels = batch * math.prod(out_size)
-    if pixels == 0 or channels == 0:
+    rows, hidden = weight.shape
+    groups = rows // math.prod(kernel_size)
+    pixels = input.shape[0] * math.prod(features.shape[2:])
+    if pixels == 0 or input.shape[1] == 0:
         grad_input.zero_()
         grad_features.zero_()
         grad = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        return grad_input, grad_features, grad, grad.new_zeros(weight.shape[:1])
-
-    common = _common(input, features, weight, kernel_size)
-    geometry = _geometry(kernel_size, stride, padding, dilation)
-    precision = _precision(input.dtype)
-    wide = _wide(pixels, grad_out, input, features)
-    sizes = (*_to_3d(input.shape[2:], 1), *_to_3d(out_size, 1))
-    tiles = triton.cdiv(pixels, _BLOCK_P)
-
-    fused_kernels.fused_grad_features_kernel[(tiles,)](
-        grad_out,
-        input,
-        weight,
-        grad_features,
-        pixels,
-        groups,
-        hidden,
-        *sizes,
-        *_strides(grad_out),
-        *_strides(input),
-        *_strides(grad_features),
-        *weight.stride(),
-        **common,
-        **geometry,
-        PRECISION=precision,
-        WIDE=wide,
-        num_warps=_NUM_WARPS,
-    )
-
-    chunks = max(
-        1, min(triton.cdiv(_TARGET_PROGRAMS, groups), triton.cdiv(tiles, _MIN_TILES_PER_CHUNK))
-    )
-    tiles_per_chunk = triton.cdiv(tiles, chunks)
-    chunks = triton.cdiv(tiles, tiles_per_chunk)
-    partial_weight = weight.new_empty((chunks, groups * taps, hidden), dtype=torch.float32)
-    partial_bias = weight.new_empty((chunks, groups * taps), dtype=torch.float32)
-    fused_kernels.fused_grad_weight_kernel[(chunks * groups,)](
+        return grad_input, grad_features, grad, grad.new_zeros(rows)
+    chunks = weight_chunks(pixels, groups)
+    partial_weight = weight.new_empty((chunks, rows, hidden), dtype=torch.float32)
+    partial_bias = weight.new_empty((chunks, rows), dtype=torch.float32)
+    launches = backward_launches(
         grad_out,
         input,
         features,
+        weight,
+        bias,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        grad_input,
+        grad_features,
         partial_weight,
         partial_bias,
-        pixels,
-        tiles,
-        tiles_per_chunk,
-        groups,
-        hidden,
-        *sizes,
-        *_strides(grad_out),
-        *_strides(input),
-        *_strides(features),
-        **common,
-        **geometry,
-        PRECISION=precision,
-        WIDE=wide,
-        num_warps=_NUM_WARPS,
     )
-    # A fixed-order reduction over the chunks (PyTorch's sum does not use atomics).
+    for launch in launches:
+        launch()
+    # A fixed-order reduction over the chunks (PyTorch's sum uses no atomics).
     grad_weight = partial_weight.sum(0).to(weight.dtype)
     grad_bias = partial_bias.sum(0).to(weight.dtype)
-
-    strides = _to_3d(stride, 1)
-    quotient = [triton.cdiv(n, s) for n, s in zip(_to_3d(input.shape[2:], 1), strides, strict=True)]
-    quotient_pixels = batch * math.prod(quotient)
-    fused_kernels.fused_grad_input_kernel[
-        (triton.cdiv(quotient_pixels, _BLOCK_P) * groups, math.prod(strides))
-    ](
-        grad_out,
-        features,
-        weight,
-        weight if bias is None else bias,
-        grad_input,
-        quotient_pixels,
-        groups,
-        hidden,
-        *sizes,
-        *quotient,
-        *_strides(grad_out),
-        *_strides(features),
-        *_strides(grad_input),
-        *weight.stride(),
-        0 if bias is None else bias.stride(0),
-        CG=common["CG"],
-        BLOCK_P=_BLOCK_P,
-        BLOCK_C=common["BLOCK_C"],
-        **geometry,
-        HAS_BIAS=bias is not None,
-        WIDE=_wide(batch * math.prod(_to_3d(input.shape[2:], 1)), grad_out, features, input),
-        num_warps=_NUM_WARPS,
-    )
     return grad_input, grad_features, grad_weight, grad_bias

@@ -208,4 +208,5 @@ def grad_kernel(
         grid_size=out_size,
     )
 
+
 from .fused_launch import fused_backward, fused_forward  # noqa: E402, F401
