@@ -598,7 +598,8 @@ def fused_grad_weight_kernel(
             )
             dk_t = tl.trans(_tile(dk, BLOCK_P, TP).to(f.dtype))
             acc_w = _dot(dk_t, f, acc_w, PRECISION)
-            acc_b = _dot(dk_t, tl.full((BLOCK_P, _ONES), 1.0, f.dtype), acc_b, PRECISION)
+            ones = tl.full((BLOCK_P, _ONES), 1.0, tl.float32).to(f.dtype)
+            acc_b = _dot(dk_t, ones, acc_b, PRECISION)
             tile += 1
         tl.store(
             gw_ptr + row[:, None] * R + r[None, :],
@@ -607,11 +608,11 @@ def fused_grad_weight_kernel(
         )
         if r0 == 0:
             # Every column of acc_b holds the sums; the first is stored.
-            first_column = tl.arange(0, _ONES) == 0
+            column = tl.arange(0, _ONES)
             tl.store(
-                gb_ptr + row[:, None] + first_column[None, :],
+                gb_ptr + row[:, None] + 0 * column[None, :],
                 acc_b,
-                mask=(t < T)[:, None] & first_column[None, :],
+                mask=(t < T)[:, None] & (column == 0)[None, :],
             )
 
 
@@ -639,6 +640,104 @@ def _recomputed_kernel(
         w = tl.load(w_row + r * sw_r, mask=in_r, other=0.0)
         k += tl.sum(f.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
     return k
+
+
+@triton.jit
+def _gather_taps(
+    gy_batch,
+    sgy_c,
+    sgy_d,
+    sgy_h,
+    sgy_w,
+    f_batch,
+    sf_c,
+    sf_d,
+    sf_h,
+    sf_w,
+    w_group,
+    sw_t,
+    sw_r,
+    bias_group,
+    sb,
+    gx_pix,
+    sgx_c,
+    qd,
+    qh,
+    qw,
+    inside,
+    OD,
+    OH,
+    OW,
+    res_d: tl.constexpr,
+    res_h: tl.constexpr,
+    res_w: tl.constexpr,
+    CG: tl.constexpr,
+    R: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DD: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """d_input of one group at input pixels ``res + q * S`` (``q = qd, qh, qw``), written at
+    ``gx_pix``: the sum over the taps k that reach them of K[o, k] * gy[o, c], with output pixel
+    o = q + (res + PAD - k * DIL) / S. ``gy_batch``, ``f_batch``, ``w_group`` and
+    ``bias_group`` point at each pixel's batch (and the group's first channel or row)."""
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for kd in tl.static_range(KD):
+            if (res_d + PD - kd * DD) % SD == 0:
+                o_d = qd + (res_d + PD - kd * DD) // SD
+                ok_d = inside & (o_d >= 0) & (o_d < OD)
+                # Kernel rows in a loop that is not unrolled: unrolled, the compiler issued the
+                # loads of every tap up front and spilled registers (stride 1, R >= 32).
+                for kh in range(KH):
+                    # Divides exactly or not at all, so truncating and flooring agree.
+                    e_h = res_h + PH - kh * DH
+                    if e_h % SH == 0:
+                        o_h = qh + e_h // SH
+                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
+                        for kw in tl.static_range(KW):
+                            if (res_w + PW - kw * DW) % SW == 0:
+                                o_w = qw + (res_w + PW - kw * DW) // SW
+                                ok = ok_h & (o_w >= 0) & (o_w < OW)
+                                tap = (kd * KH + kh) * KW + kw
+                                k = _recomputed_kernel(
+                                    f_batch + o_d * sf_d + o_h * sf_h + o_w * sf_w,
+                                    sf_c,
+                                    w_group + tap * sw_t,
+                                    sw_r,
+                                    R,
+                                    ok,
+                                    BLOCK_P,
+                                    BLOCK_C,
+                                )
+                                if HAS_BIAS:
+                                    k += tl.load(bias_group + tap * sb).to(tl.float32)
+                                gy_o = gy_batch + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
+                                gv = tl.load(
+                                    gy_o[:, None] + c[None, :] * sgy_c,
+                                    mask=ok[:, None] & in_c[None, :],
+                                    other=0.0,
+                                ).to(tl.float32)
+                                acc += k[:, None] * gv
+        tl.store(
+            gx_pix[:, None] + c[None, :] * sgx_c,
+            acc.to(gx_pix.dtype.element_ty),
+            mask=inside[:, None] & in_c[None, :],
+        )
 
 
 @triton.jit
@@ -718,50 +817,54 @@ def fused_grad_input_kernel(
                     i_h = res_h + qh * SH
                     i_w = res_w + qw * SW
                     inside = valid & (i_d < D) & (i_h < H) & (i_w < W)
-                    gy_b = gy_ptr + b * sgy_b + g * CG * sgy_c
-                    f_b = f_ptr + b * sf_b
-                    gx_pix = gx_ptr + b * sgx_b + i_d * sgx_d + i_h * sgx_h + i_w * sgx_w
-                    for c0 in range(0, CG, BLOCK_C):
-                        c = c0 + tl.arange(0, BLOCK_C)
-                        in_c = c < CG
-                        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-                        for kd in tl.static_range(KD):
-                            if (res_d + PD - kd * DD) % SD == 0:
-                                o_d = qd + (res_d + PD - kd * DD) // SD
-                                ok_d = inside & (o_d >= 0) & (o_d < OD)
-                                for kh in tl.static_range(KH):
-                                    if (res_h + PH - kh * DH) % SH == 0:
-                                        o_h = qh + (res_h + PH - kh * DH) // SH
-                                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
-                                        for kw in tl.static_range(KW):
-                                            if (res_w + PW - kw * DW) % SW == 0:
-                                                o_w = qw + (res_w + PW - kw * DW) // SW
-                                                ok = ok_h & (o_w >= 0) & (o_w < OW)
-                                                tap = (kd * KH + kh) * KW + kw
-                                                row = g * T + tap
-                                                k = _recomputed_kernel(
-                                                    f_b + o_d * sf_d + o_h * sf_h + o_w * sf_w,
-                                                    sf_c,
-                                                    w_ptr + row * sw_t,
-                                                    sw_r,
-                                                    R,
-                                                    ok,
-                                                    BLOCK_P,
-                                                    BLOCK_C,
-                                                )
-                                                if HAS_BIAS:
-                                                    k += tl.load(b_ptr + row * sb).to(tl.float32)
-                                                gy_o = (
-                                                    gy_b + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
-                                                )
-                                                gv = tl.load(
-                                                    gy_o[:, None] + c[None, :] * sgy_c,
-                                                    mask=ok[:, None] & in_c[None, :],
-                                                    other=0.0,
-                                                ).to(tl.float32)
-                                                acc += k[:, None] * gv
-                        tl.store(
-                            gx_pix[:, None] + g * CG * sgx_c + c[None, :] * sgx_c,
-                            acc.to(gx_ptr.dtype.element_ty),
-                            mask=inside[:, None] & in_c[None, :],
-                        )
+                    _gather_taps(
+                        gy_ptr + b * sgy_b + g * CG * sgy_c,
+                        sgy_c,
+                        sgy_d,
+                        sgy_h,
+                        sgy_w,
+                        f_ptr + b * sf_b,
+                        sf_c,
+                        sf_d,
+                        sf_h,
+                        sf_w,
+                        w_ptr + g * T * sw_t,
+                        sw_t,
+                        sw_r,
+                        b_ptr + g * T * sb,
+                        sb,
+                        gx_ptr
+                        + b * sgx_b
+                        + i_d * sgx_d
+                        + i_h * sgx_h
+                        + i_w * sgx_w
+                        + g * CG * sgx_c,
+                        sgx_c,
+                        qd,
+                        qh,
+                        qw,
+                        inside,
+                        OD,
+                        OH,
+                        OW,
+                        res_d,
+                        res_h,
+                        res_w,
+                        CG,
+                        R,
+                        KD,
+                        KH,
+                        KW,
+                        SD,
+                        SH,
+                        SW,
+                        PD,
+                        PH,
+                        PW,
+                        DD,
+                        DH,
+                        DW,
+                        HAS_BIAS,
+                        BLOCK_P,
+                        BLOCK_C,
+                    )
