@@ -51,8 +51,8 @@ from . import fused_kernels
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_BLOCK_P = 16 if _INTERPRETED else 64
-_MAX_BLOCK_C = 2 if _INTERPRETED else 16
+_BLOCK_P = 32 if _INTERPRETED else 64
+_MAX_BLOCK_C = 4 if _INTERPRETED else 16
 _VECTOR_BYTES = 16
 _MAX_BLOCK_R_FORWARD = 16 if _INTERPRETED else 128
 _MAX_BLOCK_R_BACKWARD = 16 if _INTERPRETED else 64
