@@ -34,7 +34,7 @@ Usage:
     PYTHONPATH=src python benchmarks/bench_fused_gpu.py --out DIR
     PYTHONPATH=src python benchmarks/bench_fused_gpu.py --sass --out DIR
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_fused_gpu.py --device cpu \\
-        --batch 1 --size-divisor 8 --layers 1 7 --dtypes float32 --out DIR
+        --batch 1 --size-divisor 16 --layers 0 --dtypes float32 --warmup 0 --repeats 1 --out DIR
 """
 
 from __future__ import annotations
@@ -100,6 +100,17 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 
 class StepTimeout(Exception):
     pass
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised from, a StepTimeout (Triton's interpreter wraps the
+    exceptions raised inside kernels)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StepTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -195,7 +206,7 @@ def check(layer: Layer, tensors: dict[str, torch.Tensor], batch: int) -> dict[st
 
 
 def measure(
-    fn: Callable, tensors: dict[str, torch.Tensor], device: str, repeats: int
+    fn: Callable, tensors: dict[str, torch.Tensor], device: str, warmup: int, repeats: int
 ) -> dict[str, float]:
     """Median ms of each pass, peak MiB of forward+backward, MiB held for the backward."""
     leaves = [tensors[k].detach().requires_grad_() for k in LEAVES]
@@ -209,9 +220,9 @@ def measure(
     def both():
         return torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
-    result["fwd_ms"] = measure_time(forward, device, 2, repeats).median * 1e3
-    result["bwd_ms"] = _backward_ms(fn(*leaves), leaves, grad_out, device, repeats)
-    result["fwd+bwd_ms"] = measure_time(both, device, 2, repeats).median * 1e3
+    result["fwd_ms"] = measure_time(forward, device, warmup, repeats).median * 1e3
+    result["bwd_ms"] = _backward_ms(fn(*leaves), leaves, grad_out, device, warmup, repeats)
+    result["fwd+bwd_ms"] = measure_time(both, device, warmup, repeats).median * 1e3
     result["peak_mib"] = peak_memory(both, device) / MIB
     if device == "cuda":
         torch.cuda.synchronize()
@@ -224,13 +235,13 @@ def measure(
     return result
 
 
-def _backward_ms(out, leaves, grad_out, device: str, repeats: int) -> float:
+def _backward_ms(out, leaves, grad_out, device: str, warmup: int, repeats: int) -> float:
     """Median ms of the backward alone, replayed on the retained graph of ``out``."""
 
     def backward():
         return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
 
-    return measure_time(backward, device, 2, repeats).median * 1e3
+    return measure_time(backward, device, warmup, repeats).median * 1e3
 
 
 def _ratio(numerator: object, denominator: object) -> float | None:
@@ -249,16 +260,22 @@ def benchmark(args: argparse.Namespace, layers: list[Layer]) -> tuple[list[dict]
             try:
                 with time_limit(args.step_timeout):
                     errors = check(layer, tensors, args.check_batch)
-            except StepTimeout as error:
-                errors = {"check": f"timeout ({error})"}  # type: ignore[dict-item]
+            except Exception as error:
+                if not _timed_out(error):
+                    raise
+                errors = {"check": f"timeout after {args.step_timeout} s"}  # type: ignore[dict-item]
             check_rows.append({**head, **errors})
             results = {}
             for name, make in (("unfused", unfused), ("fused", fused)):
                 try:
                     with time_limit(args.step_timeout):
-                        results[name] = measure(make(layer), tensors, args.device, args.repeats)
-                except StepTimeout as error:
-                    results[name] = {"status": f"timeout ({error})"}
+                        results[name] = measure(
+                            make(layer), tensors, args.device, args.warmup, args.repeats
+                        )
+                except Exception as error:
+                    if not _timed_out(error):
+                        raise
+                    results[name] = {"status": f"timeout after {args.step_timeout} s"}
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
             row: dict[str, object] = dict(head)
@@ -374,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=DTYPES)
     parser.add_argument("--layers", nargs="+", type=int, help="indices into LAYERS (default all)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--check-batch", type=int, default=2, help="images in the error check")
     parser.add_argument("--step-timeout", type=int, default=300, help="seconds per step")
@@ -385,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch", "repeats", "check_batch", "size_divisor"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup ({args.warmup}) must be >= 0")
     if args.layers and not all(0 <= i < len(LAYERS) for i in args.layers):
         parser.error(f"--layers ({args.layers}) must be indices in [0, {len(LAYERS)})")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
