@@ -25,31 +25,39 @@ tile (one shared-memory round trip per tile), each split only renames registers,
 vectors come out in the layout of the channel tiles the taps load, so the 49 taps run on
 registers alone: a vector load of the group's channels and one FMA per channel. Alternatives
 compiled for sm_90 at K = 7: extracting each column with a masked ``tl.sum`` or ``tl.gather``
-made the compiler convert a tile through shared memory at every tap (about 50 round trips per
-tile instead of one); a global scratch tile would reintroduce the memory traffic the fusion
+made the compiler convert a tile through shared memory at every tap (50 and 100 barriers per
+tile instead of 3); a global scratch tile would reintroduce the memory traffic the fusion
 removes.
 
 Backward. The kernel gradient of a pixel, ``dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c]``, is
 formed tap by tap in registers (``_kernel_gradient``) and assembled into a [P, TP] tile by the
-inverse tree (``_tile``, ``tl.join``), which feeds ``tl.dot`` at once:
+inverse tree (``_tile``, ``tl.join``), which feeds ``tl.dot`` at once, rounded to the input's
+dtype as the unfused layer stores it:
 
 * ``fused_grad_features_kernel``: d_features[p] = sum_g dK_g[p] @ W_g, the groups summed in a
   fixed order inside the program that owns the tile;
 * ``fused_grad_weight_kernel``: per (chunk of tiles, group) partial sums dW_g = dK_g^T @ f and
-  d_bias_g = sum_p dK_g, written to a buffer and reduced over chunks in a fixed order on the host.
+  d_bias_g = sum_p dK_g (as dK_g^T @ ones, on the tensor cores too), written to a buffer and
+  reduced over chunks in a fixed order on the host.
   No floating-point atomics anywhere: results are bit-identical from run to run.
 
 The two need dK in different loop orders (groups innermost for d_features, pixels innermost for
 dW), and neither accumulator fits in registers across the other's loop, so each recomputes dK.
 
 * ``fused_grad_input_kernel``: a gather over taps, as in ``kernels.py``: input pixel i collects
-  ``K[o, t] * gy[o, c]`` from the output pixels o that read it, walking the stride's residues at
-  compile time. K[o, t] is recomputed per tap as a dot of o's R features with row t of W_g on
+  ``K[o, t] * gy[o, c]`` from the output pixels o that read it, with a compiled branch per
+  residue of i modulo the stride (``_gather_taps``). K[o, t] is recomputed per tap as a dot of o's R features with row t of W_g on
   CUDA cores (R FMAs per tap and pixel, features read where they lie: L1 hits, as o's neighbours
   are read by the neighbouring lanes). It costs about (1 + R / CG) times the loads of a plain
   grad_input, against the alternatives' K round trip through memory: a tensor-core dot needs a
   whole tile of K at the shifted pixels o, which Triton can only hold in registers of other
   threads (no shifted register views) or in a global scratch tile.
+
+Registers. Fully unrolled, 49 taps of independent loads let the compiler hoist loads and
+per-tap masks and addresses far ahead of their use; where that spilled, the code keeps them in
+place: grad_input walks kernel rows in a loop that is not unrolled, and grad_features, whose
+program loops over groups, makes the taps' masks and addresses depend on the loop (see
+``unknown_zero``). ``benchmarks/bench_fused_gpu.py --sass`` compiles every kernel for sm_90.
 
 The hidden feature count R is a compile-time constant, like the channels per group: the chunk
 loops over it then have known bounds and aligned starts (vector loads, masks folded away when R
@@ -70,10 +78,10 @@ import triton.language as tl
 
 # Split and join trees have log2(TP) levels; TP <= 2**9 covers K = 7 in 3D (343 taps).
 _MAX_LEVELS = tl.constexpr(10)
+# The narrowest operand tl.dot takes: the columns of ones that sum d_bias.
+_ONES = tl.constexpr(16)
 # Triton's interpreter holds bfloat16 as uint16 and its tl.dot multiplies those integers: there,
 # bfloat16 operands are widened to float32 first (their products are exact in float32 either way).
-# The narrowest operand tl.dot takes: the column of ones that sums d_bias.
-_ONES = tl.constexpr(16)
 _WIDEN_BF16_DOTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -141,7 +149,7 @@ def _columns(tile, BLOCK_P: tl.constexpr, TP: tl.constexpr):
                     even, odd = tl.split(tl.reshape(cols[j], (BLOCK_P, TP >> (level + 1), 2)))
                 evens = evens + (even,)  # type: ignore[assignment]  # noqa: RUF005
                 odds = odds + (odd,)  # type: ignore[assignment]  # noqa: RUF005
-            cols = evens + odds
+            cols = evens + odds  # type: ignore[assignment]
     return cols
 
 
