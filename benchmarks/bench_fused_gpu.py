@@ -95,7 +95,6 @@ LAYERS = [
     Layer("s4 512@7", 512, 7, 7, 1),
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
 class StepTimeout(Exception):
@@ -152,15 +151,20 @@ def make_inputs(
     }
 
 
-def unfused(layer: Layer) -> Callable[..., torch.Tensor]:
-    """The layer before the fusion: span convolution, stored kernel, triton involution."""
+def composed(layer: Layer, backend: str) -> Callable[..., torch.Tensor]:
+    """The layer before the fusion: the span as a 1x1 convolution, whose kernel is stored (and
+    saved for the backward), then the involution on ``backend``."""
 
     def fn(x, features, weight, bias):
         kernel = F.conv2d(features, weight[:, :, None, None], bias)
         kernel = kernel.view(x.shape[0], layer.groups, -1, *kernel.shape[2:])
-        return involution2d(x, kernel, layer.kernel_size, layer.stride, backend="triton")
+        return involution2d(x, kernel, layer.kernel_size, layer.stride, backend=backend)
 
     return fn
+
+
+def unfused(layer: Layer) -> Callable[..., torch.Tensor]:
+    return composed(layer, "triton")
 
 
 def fused(layer: Layer) -> Callable[..., torch.Tensor]:
@@ -168,17 +172,6 @@ def fused(layer: Layer) -> Callable[..., torch.Tensor]:
         return fused_involution2d(
             x, features, weight, bias, layer.kernel_size, layer.stride, backend="triton"
         )
-
-    return fn
-
-
-def reference(layer: Layer) -> Callable[..., torch.Tensor]:
-    """The float64 composition: span convolution, then the portable involution."""
-
-    def fn(x, features, weight, bias):
-        kernel = F.conv2d(features, weight[:, :, None, None], bias)
-        kernel = kernel.view(x.shape[0], layer.groups, -1, *kernel.shape[2:])
-        return involution2d(x, kernel, layer.kernel_size, layer.stride, backend="torch")
 
     return fn
 
@@ -197,7 +190,7 @@ def check(layer: Layer, tensors: dict[str, torch.Tensor], batch: int) -> dict[st
     """Relative max errors of fused against the float64 composition on ``batch`` images."""
     part = {k: v[:batch] if v.dim() == 4 else v for k, v in tensors.items()}
     got = _outputs(fused(layer), part, part["input"].dtype)
-    want = _outputs(reference(layer), part, torch.float64)
+    want = _outputs(composed(layer, "torch"), part, torch.float64)
     names = ("out", *(f"grad_{k}" for k in LEAVES))
     return {
         name: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -427,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         write(args.out, "fused_sass", {"sm_90 static profile": sass(args, layers)}, metadata)
         return
     metadata["size_divisor"] = args.size_divisor
+    metadata["float32 dots"] = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     check_rows, rows = benchmark(args, layers)
     sections = {
         "fused vs float64 composition: max |error| / max |reference|": check_rows,
