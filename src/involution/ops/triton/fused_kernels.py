@@ -16,48 +16,52 @@ then contiguous and load as vectors. Pixels are flattened over (batch, *spatial)
 tiles of BLOCK_P; a program takes one tile and one group (or all groups, where it must sum over
 them). Accumulation is in float32.
 
-Forward (``fused_forward_kernel``). The tile's kernels come from one ``tl.dot``, features
-[P, R] @ W_g^T [R, TP] (TP = T rounded up to a power of two), on tensor cores for 16-bit types
-and in tf32 or fp32 for float32. The aggregation then needs column t of that register tile for
-each tap: it is taken apart by a split tree (``_columns``: reshape to [P, w/2, 2] and
-``tl.split``, six levels for TP = 64) into TP vectors [P]. After one layout conversion of the
-tile (one shared-memory round trip per tile), each split only renames registers, and the
-vectors come out in the layout of the channel tiles the taps load, so the 49 taps run on
-registers alone: a vector load of the group's channels and one FMA per channel. Alternatives
-compiled for sm_90 at K = 7: extracting each column with a masked ``tl.sum`` or ``tl.gather``
-made the compiler convert a tile through shared memory at every tap (50 and 100 barriers per
-tile instead of 3); a global scratch tile would reintroduce the memory traffic the fusion
-removes.
+Kernel rows. Every kernel walks the kernel's rows (KD * KH of them, 7 at K = 7) in a loop
+that is not unrolled and unrolls the KW taps of a row. Unrolled whole, 49 taps of independent
+loads let the compiler issue loads, masks and addresses far ahead of their use, which spilled
+registers, and took about 4 s per kernel to compile (125 s for RedNet-50's 32 fused kernels in
+bfloat16, against 34 s per row; first-use compile time counts toward a network's first step).
+
+Forward (``fused_forward_kernel``). A row's kernels come from one ``tl.dot``, features
+[P, R] @ W_row^T [R, WP] (WP = KW rounded up to a power of two, at least 16, the smallest dot),
+on tensor cores for 16-bit types and in tf32 or fp32 for float32; the features are loaded once
+per tile. The aggregation then needs column t of that register tile for each tap: it is taken
+apart by a split tree (``_columns``: reshape to [P, w/2, 2] and ``tl.split``, four levels for
+WP = 16) into WP vectors [P]. After one layout conversion of the tile (one shared-memory round
+trip per row), each split only renames registers, and the vectors come out in the layout of the
+channel tiles the taps load, so the taps run on registers alone: a vector load of the group's
+channels and one FMA per channel. Alternatives compiled for sm_90 at K = 7: extracting each
+column with a masked ``tl.sum`` or ``tl.gather`` made the compiler convert a tile through
+shared memory at every tap (50 and 100 barriers per tile instead of 3 for a 49-tap tile); a
+global scratch tile would reintroduce the memory traffic the fusion removes.
 
 Backward. The kernel gradient of a pixel, ``dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c]``, is
-formed tap by tap in registers (``_kernel_gradient``) and assembled into a [P, TP] tile by the
-inverse tree (``_tile``, ``tl.join``), which feeds ``tl.dot`` at once, rounded to the input's
-dtype as the unfused layer stores it:
+formed row by row in registers (``_kernel_gradient_row``) and assembled into a [P, WP] tile by
+the inverse tree (``_tile``, ``tl.join``), which feeds ``tl.dot`` at once, rounded to the
+input's dtype as the unfused layer stores it:
 
-* ``fused_grad_features_kernel``: d_features[p] = sum_g dK_g[p] @ W_g, the groups summed in a
-  fixed order inside the program that owns the tile;
-* ``fused_grad_weight_kernel``: per (chunk of tiles, group) partial sums dW_g = dK_g^T @ f and
-  d_bias_g = sum_p dK_g (as dK_g^T @ ones, on the tensor cores too), written to a buffer and
-  reduced over chunks in a fixed order on the host.
+* ``fused_grad_features_kernel``: d_features[p] = sum_g dK_g[p] @ W_g, the groups and rows
+  summed in a fixed order inside the program that owns the tile;
+* ``fused_grad_weight_kernel``: per (chunk of tiles, group, kernel row) partial sums
+  dW_row = dK_row^T @ f and d_bias_row = sum_p dK_row (as dK_row^T @ ones, on the tensor cores
+  too), written to a buffer and reduced over chunks in a fixed order on the host.
   No floating-point atomics anywhere: results are bit-identical from run to run.
 
 The two need dK in different loop orders (groups innermost for d_features, pixels innermost for
 dW), and neither accumulator fits in registers across the other's loop, so each recomputes dK.
 
 * ``fused_grad_input_kernel``: a gather over taps, as in ``kernels.py``: input pixel i collects
-  ``K[o, t] * gy[o, c]`` from the output pixels o that read it, with a compiled branch per
-  residue of i modulo the stride (``_gather_taps``). K[o, t] is recomputed per tap as a dot of o's R features with row t of W_g on
-  CUDA cores (R FMAs per tap and pixel, features read where they lie: L1 hits, as o's neighbours
-  are read by the neighbouring lanes). It costs about (1 + R / CG) times the loads of a plain
+  ``K[o, t] * gy[o, c]`` from the output pixels o that read it; a program takes the input
+  pixels of one residue modulo the stride, so which taps reach them is a uniform branch.
+  K[o, t] is recomputed per tap as a dot of o's R features with row t of W_g on CUDA cores
+  (R FMAs per tap and pixel, features read where they lie: L1 hits, as o's neighbours are read
+  by the neighbouring lanes). It costs about (1 + R / CG) times the loads of a plain
   grad_input, against the alternatives' K round trip through memory: a tensor-core dot needs a
   whole tile of K at the shifted pixels o, which Triton can only hold in registers of other
   threads (no shifted register views) or in a global scratch tile.
 
-Registers. Fully unrolled, 49 taps of independent loads let the compiler hoist loads and
-per-tap masks and addresses far ahead of their use; where that spilled, the code keeps them in
-place: grad_input walks kernel rows in a loop that is not unrolled, and grad_features, whose
-program loops over groups, makes the taps' masks and addresses depend on the loop (see
-``unknown_zero``). ``benchmarks/bench_fused_gpu.py --sass`` compiles every kernel for sm_90.
+``benchmarks/bench_fused_gpu.py --sass`` compiles every kernel for sm_90 and counts registers,
+spills and tensor-core instructions.
 
 The hidden feature count R is a compile-time constant, like the channels per group: the chunk
 loops over it then have known bounds and aligned starts (vector loads, masks folded away when R
@@ -76,7 +80,7 @@ import os
 import triton
 import triton.language as tl
 
-# Split and join trees have log2(TP) levels; TP <= 2**9 covers K = 7 in 3D (343 taps).
+# Split and join trees have log2(width) levels; 10 cover kernel rows of up to 1024 taps.
 _MAX_LEVELS = tl.constexpr(10)
 # The narrowest operand tl.dot takes: the columns of ones that sum d_bias.
 _ONES = tl.constexpr(16)
@@ -131,22 +135,22 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _columns(tile, BLOCK_P: tl.constexpr, TP: tl.constexpr):
-    """The TP columns of a [BLOCK_P, TP] tile as a tuple of [BLOCK_P] vectors, in order.
+def _columns(tile, BLOCK_P: tl.constexpr, WIDTH: tl.constexpr):
+    """The WIDTH columns of a [BLOCK_P, WIDTH] tile as a tuple of [BLOCK_P] vectors, in order.
 
     Each level splits every tile into its even and odd columns and lists all the even halves
-    before all the odd ones, so that after log2(TP) levels entry j is column j.
+    before all the odd ones, so that after log2(WIDTH) levels entry j is column j.
     """
     cols = (tile,)
     for level in tl.static_range(_MAX_LEVELS):
-        if (TP >> level) > 1:
+        if (WIDTH >> level) > 1:
             evens = ()
             odds = ()
             for j in tl.static_range(1 << level):
-                if (TP >> level) == 2:
+                if (WIDTH >> level) == 2:
                     even, odd = tl.split(cols[j])
                 else:
-                    even, odd = tl.split(tl.reshape(cols[j], (BLOCK_P, TP >> (level + 1), 2)))
+                    even, odd = tl.split(tl.reshape(cols[j], (BLOCK_P, WIDTH >> (level + 1), 2)))
                 evens = evens + (even,)  # type: ignore[assignment]  # noqa: RUF005
                 odds = odds + (odd,)  # type: ignore[assignment]  # noqa: RUF005
             cols = evens + odds  # type: ignore[assignment]
@@ -154,13 +158,13 @@ def _columns(tile, BLOCK_P: tl.constexpr, TP: tl.constexpr):
 
 
 @triton.jit
-def _tile(cols, BLOCK_P: tl.constexpr, TP: tl.constexpr):
-    """The [BLOCK_P, TP] tile whose columns are the TP vectors ``cols``: ``_columns`` inverted."""
+def _tile(cols, BLOCK_P: tl.constexpr, WIDTH: tl.constexpr):
+    """The [BLOCK_P, WIDTH] tile whose columns are the WIDTH vectors ``cols``: ``_columns`` inverted."""
     for level in tl.static_range(_MAX_LEVELS):
-        if (1 << level) < TP:
+        if (1 << level) < WIDTH:
             joined = ()
-            for j in tl.static_range(TP >> (level + 1)):
-                pair = tl.join(cols[j], cols[j + (TP >> (level + 1))])
+            for j in tl.static_range(WIDTH >> (level + 1)):
+                pair = tl.join(cols[j], cols[j + (WIDTH >> (level + 1))])
                 if level > 0:
                     pair = tl.reshape(pair, (BLOCK_P, 2 << level))
                 joined = joined + (pair,)  # type: ignore[assignment]  # noqa: RUF005
@@ -169,105 +173,107 @@ def _tile(cols, BLOCK_P: tl.constexpr, TP: tl.constexpr):
 
 
 @triton.jit
-def _generate(
+def _features(f_pix, sf_c, valid, r0: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Features r0 .. r0 + BLOCK_R of each pixel of a tile, [BLOCK_P, BLOCK_R] (zero past R)."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    mask = valid[:, None] & (r < R)[None, :]
+    return tl.load(f_pix[:, None] + r[None, :] * sf_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _generate_row(
+    f0,
     f_pix,
     sf_c,
-    w_group,
+    w_row,
     sw_t,
     sw_r,
-    bias_group,
+    bias_row,
     sb,
-    R: tl.constexpr,
     valid,
-    T: tl.constexpr,
-    TP: tl.constexpr,
+    R: tl.constexpr,
+    KW: tl.constexpr,
+    WP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Kernels of a tile for one group, [BLOCK_P, TP] float32: f [P, R] @ W_g^T [R, TP] + b_g.
+    """One kernel row's kernels of a tile for one group, [BLOCK_P, WP] float32:
+    f [P, R] @ W_row^T [R, WP] + b_row, taps past KW zero.
 
-    ``f_pix`` points at each pixel's first feature, ``w_group`` and ``bias_group`` at the
-    group's first row of W and b; taps past T are zero.
+    ``f0`` holds the first BLOCK_R features (loaded once per tile by the caller), ``f_pix``
+    points at each pixel's first feature for the others; ``w_row`` and ``bias_row`` point at
+    the row's first tap in W and b.
     """
-    t = tl.arange(0, TP)
-    acc = tl.zeros((BLOCK_P, TP), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    j = tl.arange(0, WP)
+    acc = tl.zeros((f0.shape[0], WP), dtype=tl.float32)
+    for r0 in tl.static_range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        in_r = r < R
-        f = tl.load(
-            f_pix[:, None] + r[None, :] * sf_c, mask=valid[:, None] & in_r[None, :], other=0.0
-        )
         w = tl.load(
-            w_group + t[None, :] * sw_t + r[:, None] * sw_r,
-            mask=(t < T)[None, :] & in_r[:, None],
+            w_row + j[None, :] * sw_t + r[:, None] * sw_r,
+            mask=(j < KW)[None, :] & (r < R)[:, None],
             other=0.0,
         )
+        f = f0 if r0 == 0 else _features(f_pix, sf_c, valid, r0, R, BLOCK_R)
         acc = _dot(f, w, acc, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_group + t * sb, mask=t < T, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_row + j * sb, mask=j < KW, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _kernel_gradient(
+def _kernel_gradient_row(
+    gy0,
     gy_pix,
     sgy_c,
-    x_group,
+    x_row,
     sx_c,
-    sx_d,
-    sx_h,
     sx_w,
-    id0,
-    ih0,
     iw0,
-    valid,
-    D,
-    H,
+    ok_row,
     W,
     CG: tl.constexpr,
-    KD: tl.constexpr,
-    KH: tl.constexpr,
     KW: tl.constexpr,
-    DD: tl.constexpr,
-    DH: tl.constexpr,
     DW: tl.constexpr,
-    TP: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    WP: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c] over one group's channels, as TP float32
-    vectors [BLOCK_P] (zero past T).
+    """One kernel row of dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c] over one group's
+    channels, as WP float32 vectors [BLOCK_P] (zero past KW).
 
-    ``gy_pix`` points at each pixel's first group channel of grad_out, ``x_group`` at the first
-    group channel of each pixel's batch in the input; ``id0, ih0, iw0`` is the corner of each
-    pixel's window, which may lie outside the input.
+    ``gy0`` holds the first BLOCK_C channels of grad_out (loaded once per tile by the caller),
+    ``gy_pix`` points at each pixel's first group channel of it for the others; ``x_row``
+    points at the first group channel of the input row that the kernel row reads, ``iw0`` is
+    the window's first column and ``ok_row`` whether the row lies inside the input.
     """
-    dk = _zeros(TP, (BLOCK_P,))
-    for c0 in range(0, CG, BLOCK_C):
+    dk = _zeros(WP, (gy0.shape[0],))
+    for c0 in tl.static_range(0, CG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < CG
-        gy = tl.load(
-            gy_pix[:, None] + c[None, :] * sgy_c, mask=valid[:, None] & in_c[None, :], other=0.0
-        ).to(tl.float32)
-        for kd in tl.static_range(KD):
-            i_d = id0 + kd * DD
-            ok_d = valid & (i_d >= 0) & (i_d < D)
-            for kh in tl.static_range(KH):
-                i_h = ih0 + kh * DH
-                ok_h = ok_d & (i_h >= 0) & (i_h < H)
-                x_row = x_group + i_d * sx_d + i_h * sx_h
-                for kw in tl.static_range(KW):
-                    i_w = iw0 + kw * DW
-                    ok = ok_h & (i_w >= 0) & (i_w < W)
-                    xv = tl.load(
-                        (x_row + i_w * sx_w)[:, None] + c[None, :] * sx_c,
-                        mask=ok[:, None] & in_c[None, :],
-                        other=0.0,
-                    ).to(tl.float32)
-                    dk = _add_at(dk, (kd * KH + kh) * KW + kw, tl.sum(gy * xv, axis=1))
+        if c0 == 0:
+            gy = gy0
+        else:
+            gy = tl.load(
+                gy_pix[:, None] + c[None, :] * sgy_c, mask=ok_row[:, None] & in_c[None, :]
+            ).to(tl.float32)
+        for kw in tl.static_range(KW):
+            i_w = iw0 + kw * DW
+            ok = ok_row & (i_w >= 0) & (i_w < W)
+            xv = tl.load(
+                (x_row + i_w * sx_w)[:, None] + c[None, :] * sx_c,
+                mask=ok[:, None] & in_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dk = _add_at(dk, kw, tl.sum(gy * xv, axis=1))
     return dk
+
+
+@triton.jit
+def _channels(ptr, sc, valid, c0: tl.constexpr, CG: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C of a group at each pixel of a tile, as float32."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    mask = valid[:, None] & (c < CG)[None, :]
+    return tl.load(ptr[:, None] + c[None, :] * sc, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -318,7 +324,7 @@ def fused_forward_kernel(
     DH: tl.constexpr,
     DW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    TP: tl.constexpr,
+    WP: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -326,59 +332,64 @@ def fused_forward_kernel(
     WIDE: tl.constexpr,
 ):
     T: tl.constexpr = KD * KH * KW
+    CHUNKS: tl.constexpr = (CG + BLOCK_C - 1) // BLOCK_C
     # The groups of a tile are neighbouring programs: its features are read from L2 once.
     pid = tl.program_id(0)
     tile = pid // G
     g = _index(pid % G, WIDE)
     b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
     f_pix = f_ptr + b * sf_b + od * sf_d + oh * sf_h + ow * sf_w
-    kernel = _generate(
-        f_pix,
-        sf_c,
-        w_ptr + g * T * sw_t,
-        sw_t,
-        sw_r,
-        b_ptr + g * T * sb,
-        sb,
-        R,
-        valid,
-        T,
-        TP,
-        HAS_BIAS,
-        BLOCK_P,
-        BLOCK_R,
-        PRECISION,
-    )
-    taps = _columns(kernel, BLOCK_P, TP)
+    f0 = _features(f_pix, sf_c, valid, 0, R, BLOCK_R)
     id0 = od * SD - PD
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
-    x_pix = x_ptr + b * sx_b + id0 * sx_d + ih0 * sx_h + iw0 * sx_w + g * CG * sx_c
+    x_group = x_ptr + b * sx_b + g * CG * sx_c
+    acc = _zeros(CHUNKS, (BLOCK_P, BLOCK_C))
+    for row in range(KD * KH):
+        first = g * T + row * KW
+        kernel = _generate_row(
+            f0,
+            f_pix,
+            sf_c,
+            w_ptr + first * sw_t,
+            sw_t,
+            sw_r,
+            b_ptr + first * sb,
+            sb,
+            valid,
+            R,
+            KW,
+            WP,
+            HAS_BIAS,
+            BLOCK_R,
+            PRECISION,
+        )
+        taps = _columns(kernel, BLOCK_P, WP)
+        i_d = id0 + row // KH * DD
+        i_h = ih0 + row % KH * DH
+        ok_row = valid & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H)
+        x_row = x_group + i_d * sx_d + i_h * sx_h
+        for chunk in tl.static_range(CHUNKS):
+            c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+            in_c = c < CG
+            total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for kw in tl.static_range(KW):
+                i_w = iw0 + kw * DW
+                ok = ok_row & (i_w >= 0) & (i_w < W)
+                xv = tl.load(
+                    (x_row + i_w * sx_w)[:, None] + c[None, :] * sx_c,
+                    mask=ok[:, None] & in_c[None, :],
+                    other=0.0,
+                )
+                total += taps[kw][:, None] * xv.to(tl.float32)
+            acc = _add_at(acc, chunk, total)
     y_pix = y_ptr + b * sy_b + od * sy_d + oh * sy_h + ow * sy_w + g * CG * sy_c
-    for c0 in range(0, CG, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < CG
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for kd in tl.static_range(KD):
-            i_d = id0 + kd * DD
-            ok_d = valid & (i_d >= 0) & (i_d < D)
-            for kh in tl.static_range(KH):
-                i_h = ih0 + kh * DH
-                ok_h = ok_d & (i_h >= 0) & (i_h < H)
-                for kw in tl.static_range(KW):
-                    i_w = iw0 + kw * DW
-                    ok = ok_h & (i_w >= 0) & (i_w < W)
-                    offset = kd * DD * sx_d + kh * DH * sx_h + kw * DW * sx_w
-                    xv = tl.load(
-                        x_pix[:, None] + offset + c[None, :] * sx_c,
-                        mask=ok[:, None] & in_c[None, :],
-                        other=0.0,
-                    )
-                    acc += taps[(kd * KH + kh) * KW + kw][:, None] * xv.to(tl.float32)
+    for chunk in tl.static_range(CHUNKS):
+        c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         tl.store(
             y_pix[:, None] + c[None, :] * sy_c,
-            acc.to(y_ptr.dtype.element_ty),
-            mask=valid[:, None] & in_c[None, :],
+            acc[chunk].to(y_ptr.dtype.element_ty),
+            mask=valid[:, None] & (c < CG)[None, :],
         )
 
 
@@ -427,7 +438,7 @@ def fused_grad_features_kernel(
     DD: tl.constexpr,
     DH: tl.constexpr,
     DW: tl.constexpr,
-    TP: tl.constexpr,
+    WP: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -443,54 +454,44 @@ def fused_grad_features_kernel(
     gy_pix = gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w
     x_batch = x_ptr + b * sx_b
     gf_pix = gf_ptr + b * sgf_b + od * sgf_d + oh * sgf_h + ow * sgf_w
-    t = tl.arange(0, TP)
-    # The grid has one row, so program_id(1) is zero, but the compiler cannot know it: adding
-    # g * program_id(1) to the window corner keeps each tap's mask and address inside the group
-    # loop (a few integer operations per tap) instead of hoisting 49 of each out of it, which
-    # spills registers.
-    unknown_zero = tl.program_id(1)
-    # One chunk for R <= BLOCK_R (RedNet's R <= 128); wider features recompute dK per chunk.
-    for r0 in range(0, R, BLOCK_R):
+    j = tl.arange(0, WP)
+    # One chunk for R <= BLOCK_R (RedNet's R <= 64); wider features recompute dK per chunk.
+    for r0 in tl.static_range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
         acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
         g = 0
         while g < G:
             channel = _index(g, WIDE) * CG
-            shift = g * unknown_zero
-            dk = _kernel_gradient(
-                gy_pix + channel * sgy_c,
-                sgy_c,
-                x_batch + channel * sx_c,
-                sx_c,
-                sx_d,
-                sx_h,
-                sx_w,
-                id0 + shift,
-                ih0 + shift,
-                iw0 + shift,
-                valid,
-                D,
-                H,
-                W,
-                CG,
-                KD,
-                KH,
-                KW,
-                DD,
-                DH,
-                DW,
-                TP,
-                BLOCK_P,
-                BLOCK_C,
-            )
-            w = tl.load(
-                w_ptr + (_index(g, WIDE) * T + t)[:, None] * sw_t + r[None, :] * sw_r,
-                mask=(t < T)[:, None] & in_r[None, :],
-                other=0.0,
-            )
-            dk_tile = _tile(dk, BLOCK_P, TP).to(w.dtype)
-            acc = _dot(dk_tile, w, acc, PRECISION)
+            gy_group = gy_pix + channel * sgy_c
+            gy0 = _channels(gy_group, sgy_c, valid, 0, CG, BLOCK_C)
+            for row in range(KD * KH):
+                i_d = id0 + row // KH * DD
+                i_h = ih0 + row % KH * DH
+                ok_row = valid & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H)
+                dk = _kernel_gradient_row(
+                    gy0,
+                    gy_group,
+                    sgy_c,
+                    x_batch + channel * sx_c + i_d * sx_d + i_h * sx_h,
+                    sx_c,
+                    sx_w,
+                    iw0,
+                    ok_row,
+                    W,
+                    CG,
+                    KW,
+                    DW,
+                    WP,
+                    BLOCK_C,
+                )
+                first = _index(g, WIDE) * T + row * KW
+                w = tl.load(
+                    w_ptr + (first + j)[:, None] * sw_t + r[None, :] * sw_r,
+                    mask=(j < KW)[:, None] & in_r[None, :],
+                    other=0.0,
+                )
+                acc = _dot(_tile(dk, BLOCK_P, WP).to(w.dtype), w, acc, PRECISION)
             g += 1
         tl.store(
             gf_pix[:, None] + r[None, :] * sgf_c,
@@ -545,83 +546,76 @@ def fused_grad_weight_kernel(
     DD: tl.constexpr,
     DH: tl.constexpr,
     DW: tl.constexpr,
-    TP: tl.constexpr,
+    WP: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Partial sums over one chunk of tiles of dW_g = dK_g^T @ f and d_bias_g = sum_p dK_g."""
+    """Partial sums over one chunk of tiles of dW_g = dK_g^T @ f and d_bias_g = sum_p dK_g,
+    one kernel row at a time (the row's accumulators stay in registers over the tiles)."""
     T: tl.constexpr = KD * KH * KW
     pid = tl.program_id(0)
     chunk = pid // G
     g = _index(pid % G, WIDE)
-    first = chunk * TILES_PER_CHUNK
-    last = tl.minimum(first + TILES_PER_CHUNK, NTILES)
-    t = tl.arange(0, TP)
-    row = (_index(chunk, WIDE) * G + g) * T + t  # row of each tap in the (CHUNKS * G * T) rows
-    for r0 in range(0, R, BLOCK_R):
+    first_tile = chunk * TILES_PER_CHUNK
+    last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, NTILES)
+    j = tl.arange(0, WP)
+    column = tl.arange(0, _ONES)
+    for r0 in tl.static_range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
-        acc_w = tl.zeros((TP, BLOCK_R), dtype=tl.float32)
-        # d_bias as a product with a column of ones, on the tensor cores beside d_weight: a
-        # sum over the tile's pixels would cross every lane of the program at each tile.
-        acc_b = tl.zeros((TP, _ONES), dtype=tl.float32)
-        tile = first
-        while tile < last:
-            b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
-            id0 = od * SD - PD
-            ih0 = oh * SH - PH
-            iw0 = ow * SW - PW
-            dk = _kernel_gradient(
-                gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w + g * CG * sgy_c,
-                sgy_c,
-                x_ptr + b * sx_b + g * CG * sx_c,
-                sx_c,
-                sx_d,
-                sx_h,
-                sx_w,
-                id0,
-                ih0,
-                iw0,
-                valid,
-                D,
-                H,
-                W,
-                CG,
-                KD,
-                KH,
-                KW,
-                DD,
-                DH,
-                DW,
-                TP,
-                BLOCK_P,
-                BLOCK_C,
-            )
-            f_pix = f_ptr + b * sf_b + od * sf_d + oh * sf_h + ow * sf_w
-            f = tl.load(
-                f_pix[:, None] + r[None, :] * sf_c, mask=valid[:, None] & in_r[None, :], other=0.0
-            )
-            dk_t = tl.trans(_tile(dk, BLOCK_P, TP).to(f.dtype))
-            acc_w = _dot(dk_t, f, acc_w, PRECISION)
-            ones = tl.full((BLOCK_P, _ONES), 1.0, tl.float32).to(f.dtype)
-            acc_b = _dot(dk_t, ones, acc_b, PRECISION)
-            tile += 1
-        tl.store(
-            gw_ptr + row[:, None] * R + r[None, :],
-            acc_w,
-            mask=(t < T)[:, None] & in_r[None, :],
-        )
-        if r0 == 0:
-            # Every column of acc_b holds the sums; the first is stored.
-            column = tl.arange(0, _ONES)
+        for row in range(KD * KH):
+            acc_w = tl.zeros((WP, BLOCK_R), dtype=tl.float32)
+            # d_bias as a product with columns of ones, on the tensor cores beside d_weight:
+            # a sum over the tile's pixels would cross every lane of the program at each tile.
+            acc_b = tl.zeros((WP, _ONES), dtype=tl.float32)
+            tile = first_tile
+            while tile < last_tile:
+                b, od, oh, ow, valid = _pixel_tile(tile, NPIX, OD, OH, OW, BLOCK_P, WIDE)
+                i_d = od * SD - PD + row // KH * DD
+                i_h = oh * SH - PH + row % KH * DH
+                ok_row = valid & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H)
+                gy_group = gy_ptr + b * sgy_b + od * sgy_d + oh * sgy_h + ow * sgy_w
+                gy_group += g * CG * sgy_c
+                dk = _kernel_gradient_row(
+                    _channels(gy_group, sgy_c, valid, 0, CG, BLOCK_C),
+                    gy_group,
+                    sgy_c,
+                    x_ptr + b * sx_b + g * CG * sx_c + i_d * sx_d + i_h * sx_h,
+                    sx_c,
+                    sx_w,
+                    ow * SW - PW,
+                    ok_row,
+                    W,
+                    CG,
+                    KW,
+                    DW,
+                    WP,
+                    BLOCK_C,
+                )
+                f_pix = f_ptr + b * sf_b + od * sf_d + oh * sf_h + ow * sf_w
+                f = _features(f_pix, sf_c, valid, r0, R, BLOCK_R)
+                dk_t = tl.trans(_tile(dk, BLOCK_P, WP).to(f.dtype))
+                acc_w = _dot(dk_t, f, acc_w, PRECISION)
+                ones = tl.full((BLOCK_P, _ONES), 1.0, tl.float32).to(f.dtype)
+                acc_b = _dot(dk_t, ones, acc_b, PRECISION)
+                tile += 1
+            # Row of each tap in the (CHUNKS * G * T) rows of the partial sums.
+            rows = (_index(chunk, WIDE) * G + g) * T + row * KW + j
             tl.store(
-                gb_ptr + row[:, None] + 0 * column[None, :],
-                acc_b,
-                mask=(t < T)[:, None] & (column == 0)[None, :],
+                gw_ptr + rows[:, None] * R + r[None, :],
+                acc_w,
+                mask=(j < KW)[:, None] & in_r[None, :],
             )
+            if r0 == 0:
+                # Every column of acc_b holds the sums; the first is stored.
+                tl.store(
+                    gb_ptr + rows[:, None] + 0 * column[None, :],
+                    acc_b,
+                    mask=(j < KW)[:, None] & (column == 0)[None, :],
+                )
 
 
 @triton.jit
@@ -648,104 +642,6 @@ def _recomputed_kernel(
         w = tl.load(w_row + r * sw_r, mask=in_r, other=0.0)
         k += tl.sum(f.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
     return k
-
-
-@triton.jit
-def _gather_taps(
-    gy_batch,
-    sgy_c,
-    sgy_d,
-    sgy_h,
-    sgy_w,
-    f_batch,
-    sf_c,
-    sf_d,
-    sf_h,
-    sf_w,
-    w_group,
-    sw_t,
-    sw_r,
-    bias_group,
-    sb,
-    gx_pix,
-    sgx_c,
-    qd,
-    qh,
-    qw,
-    inside,
-    OD,
-    OH,
-    OW,
-    res_d: tl.constexpr,
-    res_h: tl.constexpr,
-    res_w: tl.constexpr,
-    CG: tl.constexpr,
-    R: tl.constexpr,
-    KD: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SD: tl.constexpr,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PD: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DD: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """d_input of one group at input pixels ``res + q * S`` (``q = qd, qh, qw``), written at
-    ``gx_pix``: the sum over the taps k that reach them of K[o, k] * gy[o, c], with output pixel
-    o = q + (res + PAD - k * DIL) / S. ``gy_batch``, ``f_batch``, ``w_group`` and
-    ``bias_group`` point at each pixel's batch (and the group's first channel or row)."""
-    for c0 in range(0, CG, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < CG
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for kd in tl.static_range(KD):
-            if (res_d + PD - kd * DD) % SD == 0:
-                o_d = qd + (res_d + PD - kd * DD) // SD
-                ok_d = inside & (o_d >= 0) & (o_d < OD)
-                # Kernel rows in a loop that is not unrolled: unrolled, the compiler issued the
-                # loads of every tap up front and spilled registers (stride 1, R >= 32).
-                for kh in range(KH):
-                    # Divides exactly or not at all, so truncating and flooring agree.
-                    e_h = res_h + PH - kh * DH
-                    if e_h % SH == 0:
-                        o_h = qh + e_h // SH
-                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
-                        for kw in tl.static_range(KW):
-                            if (res_w + PW - kw * DW) % SW == 0:
-                                o_w = qw + (res_w + PW - kw * DW) // SW
-                                ok = ok_h & (o_w >= 0) & (o_w < OW)
-                                tap = (kd * KH + kh) * KW + kw
-                                k = _recomputed_kernel(
-                                    f_batch + o_d * sf_d + o_h * sf_h + o_w * sf_w,
-                                    sf_c,
-                                    w_group + tap * sw_t,
-                                    sw_r,
-                                    R,
-                                    ok,
-                                    BLOCK_P,
-                                    BLOCK_C,
-                                )
-                                if HAS_BIAS:
-                                    k += tl.load(bias_group + tap * sb).to(tl.float32)
-                                gy_o = gy_batch + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
-                                gv = tl.load(
-                                    gy_o[:, None] + c[None, :] * sgy_c,
-                                    mask=ok[:, None] & in_c[None, :],
-                                    other=0.0,
-                                ).to(tl.float32)
-                                acc += k[:, None] * gv
-        tl.store(
-            gx_pix[:, None] + c[None, :] * sgx_c,
-            acc.to(gx_pix.dtype.element_ty),
-            mask=inside[:, None] & in_c[None, :],
-        )
 
 
 @triton.jit
@@ -808,71 +704,68 @@ def fused_grad_input_kernel(
     Output pixel o reads input pixel i = o * S - PAD + k * DIL, so tap k reaches i from
     o = (i + PAD - k * DIL) / S when that divides exactly. Lanes index the input on the
     quotient grid i = res + q * S, and axis 1 of the grid takes one residue ``res`` per
-    program; the kernel is compiled with a branch per residue, in which the taps that reach it
-    and their output offsets (res + PAD - k * DIL) / S are known at compile time.
+    program: which taps reach it is then the same for the whole program, a uniform branch.
     """
     T: tl.constexpr = KD * KH * KW
     pid = tl.program_id(0)
     tile = pid // G
     g = _index(pid % G, WIDE)
     residue = tl.program_id(1)
+    res_w = residue % SW
+    res_h = residue // SW % SH
+    res_d = residue // (SW * SH)
     b, qd, qh, qw, valid = _pixel_tile(tile, NQ, QD, QH, QW, BLOCK_P, WIDE)
-    for res_d in tl.static_range(SD):
-        for res_h in tl.static_range(SH):
-            for res_w in tl.static_range(SW):
-                if residue == (res_d * SH + res_h) * SW + res_w:
-                    i_d = res_d + qd * SD
-                    i_h = res_h + qh * SH
-                    i_w = res_w + qw * SW
-                    inside = valid & (i_d < D) & (i_h < H) & (i_w < W)
-                    _gather_taps(
-                        gy_ptr + b * sgy_b + g * CG * sgy_c,
-                        sgy_c,
-                        sgy_d,
-                        sgy_h,
-                        sgy_w,
-                        f_ptr + b * sf_b,
-                        sf_c,
-                        sf_d,
-                        sf_h,
-                        sf_w,
-                        w_ptr + g * T * sw_t,
-                        sw_t,
-                        sw_r,
-                        b_ptr + g * T * sb,
-                        sb,
-                        gx_ptr
-                        + b * sgx_b
-                        + i_d * sgx_d
-                        + i_h * sgx_h
-                        + i_w * sgx_w
-                        + g * CG * sgx_c,
-                        sgx_c,
-                        qd,
-                        qh,
-                        qw,
-                        inside,
-                        OD,
-                        OH,
-                        OW,
-                        res_d,
-                        res_h,
-                        res_w,
-                        CG,
-                        R,
-                        KD,
-                        KH,
-                        KW,
-                        SD,
-                        SH,
-                        SW,
-                        PD,
-                        PH,
-                        PW,
-                        DD,
-                        DH,
-                        DW,
-                        HAS_BIAS,
-                        BLOCK_P,
-                        BLOCK_C,
-                    )
+    i_d = res_d + qd * SD
+    i_h = res_h + qh * SH
+    i_w = res_w + qw * SW
+    inside = valid & (i_d < D) & (i_h < H) & (i_w < W)
+    gy_batch = gy_ptr + b * sgy_b + g * CG * sgy_c
+    f_batch = f_ptr + b * sf_b
+    gx_pix = gx_ptr + b * sgx_b + i_d * sgx_d + i_h * sgx_h + i_w * sgx_w + g * CG * sgx_c
+    for c0 in tl.static_range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < CG
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for kd in tl.static_range(KD):
+            # Each offset divides exactly or not at all, so truncating and flooring agree.
+            e_d = res_d + PD - kd * DD
+            if e_d % SD == 0:
+                o_d = qd + e_d // SD
+                ok_d = inside & (o_d >= 0) & (o_d < OD)
+                # Kernel rows in a loop that is not unrolled: unrolled, the compiler issued the
+                # loads of every tap up front and spilled registers (stride 1, R >= 32).
+                for kh in range(KH):
+                    e_h = res_h + PH - kh * DH
+                    if e_h % SH == 0:
+                        o_h = qh + e_h // SH
+                        ok_h = ok_d & (o_h >= 0) & (o_h < OH)
+                        for kw in tl.static_range(KW):
+                            e_w = res_w + PW - kw * DW
+                            if e_w % SW == 0:
+                                o_w = qw + e_w // SW
+                                ok = ok_h & (o_w >= 0) & (o_w < OW)
+                                row = g * T + (kd * KH + kh) * KW + kw
+                                k = _recomputed_kernel(
+                                    f_batch + o_d * sf_d + o_h * sf_h + o_w * sf_w,
+                                    sf_c,
+                                    w_ptr + row * sw_t,
+                                    sw_r,
+                                    R,
+                                    ok,
+                                    BLOCK_P,
+                                    BLOCK_C,
+                                )
+                                if HAS_BIAS:
+                                    k += tl.load(b_ptr + row * sb).to(tl.float32)
+                                gy_o = gy_batch + o_d * sgy_d + o_h * sgy_h + o_w * sgy_w
+                                gv = tl.load(
+                                    gy_o[:, None] + c[None, :] * sgy_c,
+                                    mask=ok[:, None] & in_c[None, :],
+                                    other=0.0,
+                                ).to(tl.float32)
+                                acc += k[:, None] * gv
+        tl.store(
+            gx_pix[:, None] + c[None, :] * sgx_c,
+            acc.to(gx_ptr.dtype.element_ty),
+            mask=inside[:, None] & in_c[None, :],
+        )

@@ -7,27 +7,32 @@ Tensors are passed with their strides and results are allocated in the input's m
 ones with leading spatial dimensions of size 1, given stride 0.
 
 Configuration is a fixed rule, not autotuning: a network's first step compiles every variant it
-meets (one per dtype, geometry and layer width), and compiling each several times would multiply
-that. The rule was checked by compiling for sm_90 (``benchmarks/bench_fused_gpu.py --sass``) at
-RedNet-50's layers, bfloat16 and float32: no spills, but for 32 bytes of values reloaded once
-per program in float32 grad_input at 512 channels and stride 2.
+meets (one per dtype, geometry and layer width; RedNet-50's 32 fused kernels in bfloat16 take
+about 34 s to compile for sm_90 on one core of this project's CPU), and compiling each several
+times would multiply that. The rule was checked by compiling for sm_90
+(``benchmarks/bench_fused_gpu.py --sass``) at RedNet-50's layers, bfloat16 and float32: no
+spills but for 8 bytes (one value stored once) in two of the 64 kernels.
 
 * BLOCK_P = 64 pixels per program: the tensor-core tile of sm_90 (64 rows). 128 held twice
   the kernel columns per thread and spilled.
 * BLOCK_C = a group's channels, up to 16, per channel tile; each thread loads 16 bytes of a
   pixel's channels, so two threads share a pixel for 16-bit types and four for float32, and
   the warps are as many as that takes for 64 pixels (4 and 8). Fewer threads per pixel (two
-  chunks of 8 float32 channels) kept 64 kernel-gradient sums alive across the chunk loop and
+  chunks of 8 float32 channels) kept the kernel-gradient sums alive across the chunk loop and
   spilled.
 * BLOCK_R: the hidden features in one chunk, at least 16 (the smallest ``tl.dot``), up to 128
   in the forward and 64 in the backward, whose [64, BLOCK_R] float32 accumulators of d_features
   and d_weight would otherwise take 64 registers per thread; R = 128 (RedNet's last stage)
-  recomputes the kernel gradient once per chunk. TP: the taps rounded up to a power of two, at
-  least 16.
+  recomputes the kernel gradient once per chunk. WP: a kernel row's taps rounded up to a power
+  of two, at least 16.
 * d_weight's partial sums: about ``_TARGET_PROGRAMS`` programs (chunks of tiles times groups),
   each chunk of at least ``_MIN_TILES_PER_CHUNK`` tiles so that the float32 partials stay small
   next to the tensors; the chunk count depends on the shapes only, so results are the same on
   every GPU.
+
+Triton software-pipelines the loop over kernel rows where it can (d_features: the next row's
+input is copied to shared memory while this one is summed); ``num_stages`` is left at Triton's
+default.
 
 float32 dots run in tf32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default),
 as the unfused span, a 1x1 convolution, does; otherwise in full float32.
@@ -118,7 +123,7 @@ def _common(
     return {
         "CG": channels_per_group,
         "R": hidden,
-        "TP": max(16, triton.next_power_of_2(math.prod(kernel_size))),
+        "WP": max(16, triton.next_power_of_2(kernel_size[-1])),
         "BLOCK_P": _BLOCK_P,
         "BLOCK_R": min(max(16, triton.next_power_of_2(hidden)), max_block_r),
         "BLOCK_C": block_c,
