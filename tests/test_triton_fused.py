@@ -16,7 +16,7 @@ import torch
 
 from involution import functional
 from involution.functional import output_size, resolve_geometry
-from involution.ops import span
+from involution.ops import _library, span
 from test_fused import composed_reference
 
 triton = pytest.importorskip(
@@ -57,8 +57,10 @@ CASES = {
     "1d-k5-s2": (1, 2, 6, 2, 3, (13,), 5, 2, None, 1),
     "3d-k3-s2": (3, 1, 4, 2, 2, (5, 6, 4), 3, 2, None, 1),
 }
-# One tile: for the tests of layouts, bias and offsets.
+# One tile: for the tests of layouts, bias, offsets and registration.
 SMALL = (2, 1, 4, 2, 3, (6, 5), 3, 2, None, 1)
+# 72 pixels, three tiles: the fewest that split d_weight into chunks of partial sums.
+CHUNKED = (2, 2, 4, 2, 3, (6, 6), 3, 1, None, 1)
 
 
 def make_inputs(case, dtype, bias=True, seed=0):
@@ -201,10 +203,9 @@ def test_batch_zero_gives_empty_results_and_zero_parameter_gradients():
 
 @needs_interpreter
 def test_two_runs_are_bit_identical():
-    tensors, grad_out, kwargs = make_inputs(CASES["2d-k3"], torch.float32)
+    tensors, grad_out, kwargs = make_inputs(CHUNKED, torch.float32)
     # Several chunks of tiles, so that d_weight is reduced from several partial sums.
-    pixels = 2 * 9 * 7
-    assert fused_launch.weight_chunks(pixels, groups=2) > 1
+    assert fused_launch.weight_chunks(pixels=2 * 6 * 6, groups=2) > 1
     first, second = run(2, tensors, grad_out, kwargs), run(2, tensors, grad_out, kwargs)
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), name
@@ -237,10 +238,10 @@ def test_native_passes_run_and_the_kernel_is_never_generated(monkeypatch):
 def test_64_bit_offsets(monkeypatch):
     """The WIDE variant (int64 pixel indices and offsets, for tensors of 2**31 elements and more,
     too large for a test) gives the same results as the 32-bit one."""
-    tensors, grad_out, kwargs = make_inputs(CASES["3d-k3-s2"], torch.float32)
-    narrow = run(3, tensors, grad_out, kwargs)
+    tensors, grad_out, kwargs = make_inputs(CHUNKED, torch.float32)
+    narrow = run(2, tensors, grad_out, kwargs)
     monkeypatch.setattr(fused_launch, "_wide", lambda *args: True)
-    wide = run(3, tensors, grad_out, kwargs)
+    wide = run(2, tensors, grad_out, kwargs)
     for name, a, b in zip(NAMES, narrow, wide, strict=True):
         assert torch.equal(a, b), name
 
@@ -254,6 +255,33 @@ def test_weight_chunks_cover_the_tiles_with_none_empty(pixels, groups):
     per_chunk = triton.cdiv(tiles, chunks)
     assert 1 <= chunks <= tiles
     assert (chunks - 1) * per_chunk < tiles <= chunks * per_chunk
+
+
+@needs_interpreter
+def test_opcheck_native_passes():
+    """The op's fake implementations match the kernels' shapes and strides (channels_last in,
+    channels_last out), and its registered autograd calls the native backward."""
+    tensors, _, kwargs = make_inputs(SMALL, torch.float32)
+    tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    geometry = resolve_geometry(2, kwargs["kernel_size"], kwargs["stride"], None, 1)
+    args = tuple(t.requires_grad_() for t in tensors.values())
+    torch.library.opcheck(_library.fused_involution, (*args, *map(list, geometry), "triton"))
+
+
+@needs_interpreter
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    tensors, grad_out, kwargs = make_inputs(SMALL, torch.float32)
+
+    def fn(x, f, w, b):
+        return functional.fused_involution2d(x, f, w, b, backend="triton", **kwargs)
+
+    eager = run(2, tensors, grad_out, kwargs)
+    leaves = [t.detach().requires_grad_() for t in tensors.values()]
+    out = torch.compile(fn, fullgraph=True)(*leaves)
+    compiled = [out, *torch.autograd.grad(out, leaves, grad_out)]
+    for name, a, b in zip(NAMES, compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @needs_interpreter

@@ -20,12 +20,13 @@ Kernel rows. Every kernel walks the kernel's rows (KD * KH of them, 7 at K = 7) 
 that is not unrolled and unrolls the KW taps of a row. Unrolled whole, 49 taps of independent
 loads let the compiler issue loads, masks and addresses far ahead of their use, which spilled
 registers, and took about 4 s per kernel to compile (125 s for RedNet-50's 32 fused kernels in
-bfloat16, against 34 s per row; first-use compile time counts toward a network's first step).
+bfloat16, against 34 s with the row loop; first-use compile time counts toward a network's first
+step).
 
 Forward (``fused_forward_kernel``). A row's kernels come from one ``tl.dot``, features
 [P, R] @ W_row^T [R, WP] (WP = KW rounded up to a power of two, at least 16, the smallest dot),
 on tensor cores for 16-bit types and in tf32 or fp32 for float32; the features are loaded once
-per tile. The aggregation then needs column t of that register tile for each tap: it is taken
+per tile when they fit one chunk of BLOCK_R (every RedNet-50 width). The aggregation then needs column t of that register tile for each tap: it is taken
 apart by a split tree (``_columns``: reshape to [P, w/2, 2] and ``tl.split``, four levels for
 WP = 16) into WP vectors [P]. After one layout conversion of the tile (one shared-memory round
 trip per row), each split only renames registers, and the vectors come out in the layout of the
@@ -241,8 +242,9 @@ def _kernel_gradient_row(
     """One kernel row of dK[p, t] = sum_c gy[p, c] * x[nbr(p, t), c] over one group's
     channels, as WP float32 vectors [BLOCK_P] (zero past KW).
 
-    ``gy0`` holds the first BLOCK_C channels of grad_out (loaded once per tile by the caller),
-    ``gy_pix`` points at each pixel's first group channel of it for the others; ``x_row``
+    ``gy0`` holds the first BLOCK_C channels of grad_out, loaded by the caller (d_features
+    loads them once for all kernel rows); ``gy_pix`` points at each pixel's first group channel
+    of it for the others; ``x_row``
     points at the first group channel of the input row that the kernel row reads, ``iw0`` is
     the window's first column and ``ok_row`` whether the row lies inside the input.
     """
@@ -455,7 +457,8 @@ def fused_grad_features_kernel(
     x_batch = x_ptr + b * sx_b
     gf_pix = gf_ptr + b * sgf_b + od * sgf_d + oh * sgf_h + ow * sgf_w
     j = tl.arange(0, WP)
-    # One chunk for R <= BLOCK_R (RedNet's R <= 64); wider features recompute dK per chunk.
+    # One chunk when R <= BLOCK_R (every RedNet-50 layer but the last stage's, R = 128); wider
+    # features recompute dK per chunk.
     for r0 in tl.static_range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         in_r = r < R
