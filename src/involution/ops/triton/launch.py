@@ -373,3 +373,6 @@ def grad_kernel(
         geometry=geometry,
         lane_grid=_to_3d(out_size, 1),
     )
+
+
+from .fused_launch import fused_backward, fused_forward  # noqa: E402, F401
