@@ -317,3 +317,18 @@ def test_kernel_read_with_any_strides():
     out = functional.involution2d(_channels_last(x), expanded, backend="cpu", **kwargs)
     ref = functional.involution2d(x, expanded.contiguous(), backend="reference", **kwargs)
     assert_close_for(torch.float64, out, ref)
+
+
+def test_benchmark_op_measures_cpu_in_channels_last():
+    """``involution bench op --channels-last``: pixel-major kernels, channels-last inputs."""
+    from involution.benchmark import OpShape, benchmark_op
+    from involution.cli.__main__ import main
+
+    rows = benchmark_op(
+        OpShape(2, 32, 9, 8), 3, backends=["cpu"], baselines=["depthwise"], passes=["forward"],
+        repeats=1, channels_last=True,
+    )  # fmt: skip
+    assert [r["op"] for r in rows] == ["involution[cpu]", "conv2d depthwise"]
+    assert all(r["median_ms"] > 0 for r in rows)
+    argv = ["bench", "op", "--shapes", "1x16x6x6", "--kernel-size", "3", "--backends", "cpu"]
+    assert main([*argv, "--repeats", "1", "--copy-mib", "0", "--channels-last"]) == 0
