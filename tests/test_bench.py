@@ -293,4 +293,18 @@ def test_cli_bench_model_csv_and_chart(tiny, tmp_path, capsys):
 
 def test_cli_bench_model_unknown_name(capsys):
     assert main(["bench", "model", "--models", "rednet27", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'rednet27') is not a registered model" in err and "`involution list-models`" in err
+
+
+def test_cli_bench_model_checks_every_name_before_measuring(tiny, monkeypatch, capsys):
+    from involution.benchmark import model as model_bench
+
+    measured = []
+    monkeypatch.setattr(model_bench, "benchmark_model", lambda *a, **k: measured.append(a))
+    assert main(["bench", "model", "--models", tiny, "rednet27", "--repeats", "1"]) == 2
     assert "'rednet27') is not a registered model" in capsys.readouterr().err
+    argv = ["bench", "model", "--models", tiny, "rednet26", "--model-arg", "widht=16"]
+    assert main(argv) == 2
+    assert "'widht' is not an argument of" in capsys.readouterr().err
+    assert measured == []

@@ -10,7 +10,11 @@ from involution.cli.__main__ import build_parser, main
 
 
 def test_demo_writes_table_curves_and_kernels(tmp_path, capsys):
+    # A previous demo's outputs: the demo replaces them (a training run would refuse).
+    (tmp_path / "rednet26_cifar").mkdir()
+    (tmp_path / "rednet26_cifar" / "model.safetensors").write_bytes(b"old")
     assert main(["demo", "--epochs", "1", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "rednet26_cifar" / "model.safetensors").read_bytes() != b"old"
     out = capsys.readouterr().out
     assert "| rednet26_cifar |" in out and "| resnet26_cifar |" in out
     for name in ("curves.png", "kernels.png", "results.json"):
@@ -22,10 +26,10 @@ def test_demo_writes_table_curves_and_kernels(tmp_path, capsys):
     assert all(0 <= r["top1"] <= 1 and r["train_seconds"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "eval"])
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "list-models"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert f"usage: involution {command}" in text and "--output" in text
+    assert f"usage: involution {command}" in text and "--verbose" in text

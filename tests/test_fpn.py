@@ -43,3 +43,8 @@ def test_odd_sizes_and_bad_inputs() -> None:
         neck([torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 64, 2, 2)])
     with pytest.raises(ValueError, match=r"num_outs \(1\)"):
         FPN([16, 32], num_outs=1)
+    with pytest.raises(ValueError, match=r"out_channels \(100\) must be a multiple of 16"):
+        FPN([16, 32], out_channels=100)
+    assert FPN([16, 32], out_channels=100, involution=False).out_channels == 100
+    with pytest.raises(ValueError, match=r"out_channels \(True\) must be a positive int"):
+        FPN([16, 32], out_channels=True)

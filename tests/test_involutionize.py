@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +74,34 @@ def test_resnet_baseline_becomes_rednet_like() -> None:
     again = involutionize(model)
     assert not again.replaced
     assert all("kernel generator" in r for n, r in again.skipped.items() if ".conv2." in n)
+
+
+def test_involutionized_model_round_trips_through_save_and_load(tmp_path) -> None:
+    from involution.models import load_weights, save_weights
+
+    model = create_model("resnet26_cifar", num_classes=10, base_width=16)
+    involutionize(model, kernel_size=3, reduction_ratio=2)
+    assert model.model_config["involutionize"] == [{"kernel_size": 3, "reduction_ratio": 2}]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)  # weights that differ from a fresh model's
+    path = tmp_path / "m.safetensors"
+    save_weights(model, path)
+    loaded = load_weights(path)
+    assert loaded.model_config == model.model_config
+    assert isinstance(loaded.layer1[0].conv2, Involution2d)
+    assert loaded.layer1[0].conv2.kernel_size == (3, 3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_save_weights_refuses_an_involutionize_argument_it_cannot_record(tmp_path) -> None:
+    from involution.models import save_weights
+
+    model = create_model("resnet26_cifar", num_classes=10, base_width=16)
+    involutionize(model, kernel_size=3, norm_layer=nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="must hold only JSON values"):
+        save_weights(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -221,6 +221,61 @@ def test_save_records_reset_classifier(tmp_path) -> None:
 def test_unknown_name_lists_close_matches() -> None:
     with pytest.raises(ValueError, match=r"rednet5O.*did you mean.*'rednet50'"):
         create_model("rednet5O")
+    with pytest.raises(ValueError, match=r"`involution list-models`"):
+        create_model("alexnet")
+
+
+def test_unknown_builder_argument_names_the_accepted_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        create_model("rednet26_cifar", foo=1)
+    message = str(info.value)
+    assert "'foo' is not an argument of rednet26_cifar" in message
+    assert "base_width" in message and "drop_rate" in message and "backend" in message
+    assert "\n" not in message
+    # The skeleton's own arguments are not the user's to give.
+    with pytest.raises(ValueError, match=r"'kind' is not an argument of resnet26"):
+        create_model("resnet26", kind="involution")
+    with pytest.raises(ValueError, match=r"'layers' is not an argument"):
+        create_model("rednet26", layers=(1, 1, 1, 1))
+
+
+def test_registered_builders_show_their_arguments() -> None:
+    import inspect
+
+    from involution.models._registry import get_model_entrypoint
+
+    parameters = inspect.signature(get_model_entrypoint("rednet26_cifar")).parameters
+    assert parameters["stem_stride"].default == 1 and parameters["base_width"].default == 64
+    assert (
+        inspect.signature(get_model_entrypoint("rednet26")).parameters["stem_stride"].default == 2
+    )
+
+
+def test_resnet_models_are_called_resnet() -> None:
+    from involution.models.weights import load_state_dict_strict
+
+    resnet = create_model("resnet26_cifar", num_classes=10, **SMALL)
+    assert type(resnet).__name__ == "ResNet" and repr(resnet).startswith("ResNet(")
+    assert type(create_model("rednet26_cifar", **SMALL)).__name__ == "RedNet"
+    with pytest.raises(ValueError, match=r"does not match ResNet; nothing loaded"):
+        load_state_dict_strict(resnet, {}, "test")
+
+
+def test_save_weights_creates_folders_with_ordinary_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "new" / "folder" / "m.safetensors"
+        save_weights(create_model("rednet26_cifar", num_classes=10, **SMALL), path)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+    assert load_weights(path).model_config["name"] == "rednet26_cifar"
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temporary left
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert not list(ddp_dir.glob("run/.*tmp*"))
     params = [k for k in rank0 if "running" not in k and "num_batches" not in k]
     seed_everything(1)
-    init = build_model("resnet26_cifar", 10, 3, base_width=16).state_dict()
+    init = build_model("resnet26_cifar", 10, 3, model_kwargs={"base_width": 16}).state_dict()
     moved = max((reference[k] - init[k]).abs().max().item() for k in params)
     assert moved > 1e-3, "training did not move the weights; the comparison would be empty"
     for key in params:

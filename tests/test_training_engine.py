@@ -92,6 +92,15 @@ def test_evaluate_top1_top5_and_loss():
     assert result.loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_evaluate_has_no_top5_with_5_classes_or_fewer():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    result = evaluate(model, _batches(2, size=5, seed=1), CPU, num_classes=3)
+    assert result.top5 is None and result.as_dict()["top5"] is None
+    assert evaluate(model, _batches(2, size=5, seed=1), CPU).top5 is None  # 3 logits
+    six = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    assert evaluate(six, _batches(2, size=5, seed=1), CPU).top5 is not None
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 100, 10, 0.25) == pytest.approx(0.25)
     assert warmup_cosine(10, 100, 10, 0.25) == pytest.approx(1.0)

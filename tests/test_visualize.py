@@ -130,8 +130,39 @@ def test_cli_visualize_sample_image(tiny, tmp_path, capsys):
     path = tmp_path / "kernels.png"
     argv = ["visualize", "--model", tiny, "--image-size", "40", "--output", str(path)]
     assert main([*argv, "--layer", "3", "--pixels", "0,0", "39,20", "--groups", "1"]) == 0
-    assert "layer 3, kernel (1, 2, 25, 10, 10)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "layer 3, kernel (1, 2, 25, 10, 10)" in captured.out
+    assert "no --weights: the model is randomly initialized" in captured.err
+    assert "kernels drawn are untrained" in captured.err
     assert path.read_bytes()[:8] == PNG
+
+
+def test_cli_visualize_with_weights_does_not_warn(tiny, tmp_path, capsys):
+    from involution.models import create_model, save_weights
+
+    save_weights(create_model(tiny), tmp_path / "w.safetensors")
+    argv = ["visualize", "--weights", str(tmp_path / "w.safetensors"), "--image-size", "32"]
+    assert main([*argv, "--output", str(tmp_path / "k.png")]) == 0
+    assert "untrained" not in capsys.readouterr().err
+
+
+def test_plot_kernels_draws_a_colour_scale_for_every_map(net, tmp_path, monkeypatch):
+    matplotlib_figure = pytest.importorskip("matplotlib.figure")
+    bars = []
+    colorbar = matplotlib_figure.Figure.colorbar
+
+    def record(self, mappable, *args, **kwargs):
+        bars.append(mappable)
+        return colorbar(self, mappable, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib_figure.Figure, "colorbar", record)
+    images, picture = load_image(sample_image(), 48)
+    kernel = capture_kernel(net, "3", images)
+    plot_kernels(picture, kernel, 7, [(0, 0), (47, 20), (9, 9)], [0, 1], tmp_path / "k.png")
+    # One per statistic map (2 groups), one per pixel row of kernels (3 pixels).
+    assert len(bars) == 5
+    limits = [bar.get_clim() for bar in bars[2:]]
+    assert all(low == -high and high > 0 for low, high in limits)  # symmetric: white is 0
 
 
 def test_cli_visualize_zoo_model_and_list_layers(tmp_path, capsys):
@@ -160,6 +191,9 @@ def test_cli_visualize_bad_input(tiny, tmp_path, capsys):
         (["--pixels", "32,0"], "pixel (32, 0) must lie in the 32x32 image"),
         (["--groups", "2"], "groups ([2]) must be among 0..1"),
         (["--model-arg", "base_width=12"], "must be divisible by group_channels"),
+        (["--image-size", "0"], "--image-size (0) must be >= 1"),
+        (["--model-arg", "depth=3"], f"'depth' is not an argument of {tiny}; it takes base_width"),
+        (["--model", "tiny_net"], "`involution list-models`"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main([*base, *argv]) == 2, argv

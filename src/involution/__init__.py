@@ -1,7 +1,14 @@
 """involution: fast, memory-light involution for PyTorch (Li et al., CVPR 2021)."""
 
 from . import functional
-from .functional import involution1d, involution2d, involution3d
+from .functional import (
+    fused_involution1d,
+    fused_involution2d,
+    fused_involution3d,
+    involution1d,
+    involution2d,
+    involution3d,
+)
 from .models import create_model, list_models
 from .nn import Involution, Involution1d, Involution2d, Involution3d, convert_official_state_dict
 
@@ -13,6 +20,9 @@ __all__ = [
     "convert_official_state_dict",
     "create_model",
     "functional",
+    "fused_involution1d",
+    "fused_involution2d",
+    "fused_involution3d",
     "involution1d",
     "involution2d",
     "involution3d",

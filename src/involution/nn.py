@@ -5,6 +5,14 @@ Eq. 6): ``span(act(norm(reduce(pool(x)))))``, where ``reduce`` is a 1x1 convolut
 without bias, ``span`` a 1x1 convolution C/r -> K^n * G with bias, and ``pool`` an average pool
 with kernel = stride when the stride is > 1. Pooling uses ceil mode, so that odd sizes get one
 kernel per output pixel (on even sizes this is the authors' AvgPool exactly).
+
+"At that pixel" means at the centre of the output pixel's window: output ``i`` covers input
+``i * stride - padding + [0, dilation * (K - 1)]``, whose centre is ``i * stride + c`` with
+``c = dilation * (K - 1) // 2 - padding``. With "same" padding ``c = 0`` and the input is pooled
+as it is (the authors' layer); otherwise it is first cropped by ``c`` (or, when the padding
+exceeds half the window, zero-padded by ``-c``), so that e.g. with padding 0 the kernel of output
+(0, 0) comes from input pixel (K // 2, K // 2). Pooling averages the pixels of each stride block
+that lie in the image; a block wholly in the padding gives zero features.
 """
 
 from __future__ import annotations
@@ -17,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import IntOrTuple, _involution, output_size, resolve_geometry
+from .functional import (
+    IntOrTuple,
+    Padding,
+    _as_int,
+    _fused_involution,
+    output_size,
+    resolve_geometry,
+)
+from .ops.dispatch import BACKENDS
 
 __all__ = [
     "OFFICIAL_KEY_PREFIXES",
@@ -37,11 +53,6 @@ _AVG_POOL: dict[int, Callable[..., torch.Tensor]] = {
     1: F.avg_pool1d,
     2: F.avg_pool2d,
     3: F.avg_pool3d,
-}
-_ADAPTIVE_POOL: dict[int, Callable[..., torch.Tensor]] = {
-    1: F.adaptive_avg_pool1d,
-    2: F.adaptive_avg_pool2d,
-    3: F.adaptive_avg_pool3d,
 }
 
 
@@ -65,6 +76,13 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
     return renamed
 
 
+def _positive_int(value: object, name: str) -> int:
+    value = _as_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} ({value!r}) must be a positive int")
+    return value
+
+
 class _InvolutionNd(nn.Module):
     _ndim: int
 
@@ -73,7 +91,7 @@ class _InvolutionNd(nn.Module):
         channels: int,
         kernel_size: IntOrTuple = 7,
         stride: IntOrTuple = 1,
-        padding: IntOrTuple | None = None,
+        padding: Padding = "same",
         dilation: IntOrTuple = 1,
         group_channels: int = 16,
         reduction_ratio: int = 4,
@@ -86,13 +104,13 @@ class _InvolutionNd(nn.Module):
     ) -> None:
         super().__init__()
         n = self._ndim
-        for name, value in (
-            ("channels", channels),
-            ("group_channels", group_channels),
-            ("reduction_ratio", reduction_ratio),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive int")
+        channels = _positive_int(channels, "channels")
+        group_channels = _positive_int(group_channels, "group_channels")
+        reduction_ratio = _positive_int(reduction_ratio, "reduction_ratio")
+        if out_channels is not None:
+            out_channels = _positive_int(out_channels, "out_channels")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend ({backend!r}) must be 'auto' or one of {BACKENDS}")
         if channels % group_channels != 0:
             raise ValueError(
                 f"channels ({channels}) must be divisible by group_channels ({group_channels})"
@@ -101,8 +119,6 @@ class _InvolutionNd(nn.Module):
             raise ValueError(
                 f"channels // reduction_ratio ({channels} // {reduction_ratio}) must be >= 1"
             )
-        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
-            raise ValueError(f"out_channels ({out_channels!r}) must be a positive int or None")
         self.kernel_size, self.stride, self.padding, self.dilation = resolve_geometry(
             n, kernel_size, stride, padding, dilation
         )
@@ -146,34 +162,78 @@ class _InvolutionNd(nn.Module):
                 f"input channels ({x.shape[1]}) must equal the module's channels ({self.channels})"
             )
 
+    def _centres(self, x: torch.Tensor, out: tuple[int, ...]) -> torch.Tensor:
+        """The input the kernels are generated from, one pixel per output: (B, C, *out).
+
+        Each output pixel gets the mean of the in-image pixels of the stride block that starts
+        at its window's centre (see the module docstring). Every crop, pad and slice here has
+        a size fixed by the geometry, not by the input size, so that exported graphs keep
+        dynamic sizes.
+        """
+        n = self._ndim
+        spans = [d * (k - 1) for k, d in zip(self.kernel_size, self.dilation, strict=True)]
+        shifts = [s // 2 - p for s, p in zip(spans, self.padding, strict=True)]
+        y = x
+        for dim, c in enumerate(shifts, start=2):
+            if c > 0:
+                y = y.narrow(dim, c, y.shape[dim] - c)
+        outside = [max(-c, 0) for c in shifts]
+        strided = any(s > 1 for s in self.stride)
+        if any(outside):
+            # Centres in the padding: zeros there, and a mask to average in-image pixels only.
+            pad = [p for c in reversed(outside) for p in (c, c)]
+            inside = F.pad(x.new_ones((1, 1, *y.shape[2:])), pad) if strided else None
+            y = F.pad(y, pad)
+        if strided:
+            pool = _AVG_POOL[n]
+            y = pool(y, self.stride, self.stride, ceil_mode=True)
+            if any(outside):
+                assert inside is not None
+                weight = pool(inside, self.stride, self.stride, ceil_mode=True)
+                y = y / weight.clamp_min(1 / math.prod(self.stride))
+        for dim, (c, s, o) in enumerate(zip(shifts, spans, out, strict=True), start=2):
+            if c != 0 or s % 2:
+                # Not "same" padding: blocks beyond the last output's window are dropped.
+                y = y.narrow(dim, 0, o)
+        return y
+
+    def kernel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel generator's hidden features for input ``x``: (B, C / r, *output_size).
+
+        ``act(norm(reduce(centres)))``: :meth:`generate_kernel` is ``span`` of these.
+        """
+        self._check_input(x)
+        out = output_size(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)
+        return self.act(self.norm(self.reduce(self._centres(x, out))))
+
     def generate_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The per-pixel kernel for input ``x``: (B, groups, K^n, *output_size).
 
         Tap ``t`` of the K^n axis is the row-major index of the kernel offset, so
         ``kernel.unflatten(2, module.kernel_size)`` gives a K x K (x K) view per pixel and group.
+        The kernel of an output pixel is generated from the centre of its window (see the
+        module docstring).
         """
-        self._check_input(x)
-        out = output_size(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)
-        y = x
-        if any(s > 1 for s in self.stride):
-            y = _AVG_POOL[self._ndim](y, self.stride, self.stride, ceil_mode=True)
-        if tuple(y.shape[2:]) != out:
-            # Only with an explicit padding other than "same": one kernel per output pixel.
-            y = _ADAPTIVE_POOL[self._ndim](y, out)
-        kernel = self.span(self.act(self.norm(self.reduce(y))))
-        return kernel.reshape(x.shape[0], self.groups, math.prod(self.kernel_size), *out)
+        kernel = self.span(self.kernel_features(x))
+        return kernel.reshape(
+            x.shape[0], self.groups, math.prod(self.kernel_size), *kernel.shape[2:]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.generate_kernel(x)
-        out = _involution(
+        # The fused op where the backend computes it natively (the kernel never stored); the
+        # span convolution then the involution elsewhere, as generate_kernel() does.
+        out = _fused_involution(
             self._ndim,
             x,
-            kernel,
+            self.kernel_features(x),
+            self.span.weight,
+            self.span.bias,
             self.kernel_size,
             self.stride,
             self.padding,
             self.dilation,
             self.backend,
+            native_only=True,
         )
         return out if self.proj is None else self.proj(out)
 
@@ -210,7 +270,9 @@ class Involution2d(_InvolutionNd):
         channels: input channels C.
         kernel_size: K of the K x K per-pixel kernel.
         stride: output stride; the kernel is generated from the average-pooled input.
-        padding: zero padding; ``None`` keeps the output at ceil(H / stride).
+        padding: zero padding on each side: an int or tuple, ``"valid"`` (0), or ``"same"``
+            (the default, ``dilation * (K - 1) // 2``: the output is ceil(H / stride)).
+            ``None`` is accepted as "same". Each kernel is generated at its window's centre.
         dilation: spacing between kernel taps.
         group_channels: channels that share one kernel; groups = channels // group_channels.
         reduction_ratio: bottleneck reduction r of the kernel generator (C -> C / r).
@@ -239,20 +301,28 @@ class Involution3d(_InvolutionNd):
 
 
 class Involution(Involution2d):
-    """2D involution with the seed document's signature.
+    """2D involution with the seed document's signature and defaults, as ``nn.Conv2d``'s.
 
-    ``Involution(in_channels=32, out_channels=64, kernel_size=3, stride=1, padding=1)`` is
-    ``Involution2d(32, kernel_size=3, padding=1, out_channels=64)``.
+    ``Involution(in_channels, out_channels, kernel_size, stride=1, padding=0)``: like a
+    convolution, padding 0 shrinks the output (a 3 x 3 kernel turns 16 x 16 into 14 x 14);
+    ``padding="same"`` keeps the size. ``Involution(32, 64, 3, padding=1)`` is
+    ``Involution2d(32, kernel_size=3, padding=1, out_channels=64)``; other keyword arguments
+    (``dilation``, ``group_channels``, ``reduction_ratio``, ``backend`` ...) are
+    :class:`Involution2d`'s.
+
+    Example:
+        >>> Involution(64, 64, 3)(torch.randn(1, 64, 16, 16)).shape
+        torch.Size([1, 64, 14, 14])
     """
 
     def __init__(
         self,
         in_channels: int,
-        out_channels: int | None = None,
-        kernel_size: IntOrTuple = 7,
+        out_channels: int,
+        kernel_size: IntOrTuple,
         stride: IntOrTuple = 1,
-        padding: IntOrTuple | None = None,
-        **kwargs,
+        padding: Padding = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             in_channels,

@@ -8,6 +8,8 @@ content at that pixel. Two views of a layer's kernels are drawn:
   of its K x K values, as in the paper's figure), laid over the image;
 * **kernel heat maps** at chosen pixels: the K x K values of each group's kernel there.
 
+Every map has its colour scale beside it.
+
 The sample image ``assets/sample.png`` was drawn procedurally for this project (a landscape of
 simple shapes with edges and textures), so that the tool runs without any download.
 """
@@ -164,8 +166,9 @@ def plot_kernels(
     """Draws the statistic maps and the kernels at ``pixels`` into a PNG.
 
     The first row shows the picture with the chosen pixels numbered, then one statistic map
-    per group of ``groups``; each following row shows, for one pixel, the K x K kernel of each
-    of those groups.
+    per group of ``groups``, each with its colour bar; each following row shows, for one pixel,
+    the K x K kernel of each of those groups on one symmetric colour scale (white is 0), drawn
+    as a colour bar at the end of the row.
 
     Args:
         picture: (S, S, 3) RGB in [0, 1], the image the kernel was generated from.
@@ -204,7 +207,8 @@ def plot_kernels(
     # Upsample with nearest neighbours so that each kernel map cell covers its image area.
     overlays = F.interpolate(maps[None], size=(size, picture.shape[1]), mode="nearest")[0]
     cols = len(groups) + 1
-    figure = Figure(figsize=(1.9 * cols, 1.9 * (len(pixels) + 1) + 0.4))
+    # Constrained layout leaves room for the colour bars (tight_layout cannot).
+    figure = Figure(figsize=(2.3 * cols, 1.9 * (len(pixels) + 1) + 0.4), layout="constrained")
     axes = figure.subplots(len(pixels) + 1, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -218,8 +222,9 @@ def plot_kernels(
         )
     for j, g in enumerate(groups, start=1):
         axes[0, j].imshow(picture.numpy().mean(-1), cmap="gray", alpha=0.5)
-        axes[0, j].imshow(overlays[g].numpy(), cmap="jet", alpha=0.6)
+        shown = axes[0, j].imshow(overlays[g].numpy(), cmap="jet", alpha=0.6)
         axes[0, j].set_title(f"group {g}: {statistic}", fontsize=8)
+        figure.colorbar(shown, ax=axes[0, j], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     for i, (row, col) in enumerate(pixels, start=1):
         r, c = row * out_h // size, col * out_w // picture.shape[1]
         axes[i, 0].text(
@@ -236,11 +241,12 @@ def plot_kernels(
         limit = kernel[0, list(groups), :, r, c].abs().max().item() or 1.0
         for j, g in enumerate(groups, start=1):
             values = kernel[0, g, :, r, c].view(kh, kw)
-            axes[i, j].imshow(values.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
+            heat = axes[i, j].imshow(values.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
             axes[i, j].set_title(f"group {g}", fontsize=8)
+        bar = figure.colorbar(heat, ax=list(axes[i, 1:]), fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)
     return path

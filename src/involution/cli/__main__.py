@@ -1,8 +1,9 @@
 """Entry point of the ``involution`` console script and of ``python -m involution``.
 
 Every public module of this package (a name not starting with "_") is a subcommand named after
-it. Such a module has a docstring (its first line is the subcommand's help), an
-``add_arguments(parser)`` function and a ``run(args) -> int`` function returning the exit code.
+it (``list_models`` is ``list-models``). Such a module has a docstring (its first line is the
+subcommand's help), an ``add_arguments(parser)`` function and a ``run(args) -> int`` function
+returning the exit code. ``-v`` is accepted before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+import involution
 from involution import cli
+from involution.cli._options import add_verbose_argument
 
 
 def _subcommands() -> list[str]:
@@ -26,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="involution",
         description="Involution (Li et al., CVPR 2021): demo, training, evaluation and tools.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {involution.__version__}")
+    add_verbose_argument(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _subcommands():
         module = importlib.import_module(f"involution.cli.{name}")
@@ -37,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        add_verbose_argument(p)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -29,6 +29,23 @@ def fail(command: str, error: BaseException) -> int:
     return 2
 
 
+def add_verbose_argument(
+    parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS
+) -> None:
+    """``-v/--verbose``, on the main parser (``default=False``) and on each subcommand's.
+
+    A subcommand's flag defaults to SUPPRESS, so that it sets ``args.verbose`` only when given
+    and never resets a ``-v`` given before the subcommand.
+    """
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log debug messages, and show a traceback on errors",
+    )
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,7 +109,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="registered model name, e.g. rednet26 (see involution.list_models()); "
+        help="registered model name, e.g. rednet26 (`involution list-models` lists them); "
         "optional with --weights, whose file names its model",
     )
     parser.add_argument(
@@ -113,9 +130,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_model(args: argparse.Namespace) -> nn.Module:
     """The model named by ``--model``/``--weights``/``--model-arg``, in eval mode.
 
-    A weights file saved with its model config (``involution.models.save_weights``) rebuilds
-    its own model (classes, width), unless ``--model-arg`` asks for other builder arguments;
-    ``--model`` must then name the same model. Other weights files load into ``--model``.
+    A weights file saved with its model config (``involution.models.save_weights``) names and
+    rebuilds its own model (classes, width, involutionized layers); ``--model``, if given, must
+    name the same model, and ``--model-arg`` overrides builder arguments of the file's config.
+    Other weights files load into ``--model``.
 
     Raises:
         ValueError: neither --model nor --weights, an unknown model name, or weights that do
@@ -131,21 +149,23 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     if args.weights is not None and not args.weights.is_file():
         raise FileNotFoundError(f"--weights ({args.weights}) is not a file")
     config = None if args.weights is None else read_weights(args.weights)[1]
-    if args.model is None:
-        if kwargs:
-            raise ValueError(f"--model-arg ({' '.join(args.model_arg)}) needs --model")
-        model = load_weights(args.weights)
-    elif config is not None and not kwargs:
-        if config["name"] != args.model:
+    if config is None:
+        if args.model is None:
             raise ValueError(
-                f"--weights ({args.weights}) holds a {config['name']} model, not "
-                f"--model {args.model}"
+                f"--weights ({args.weights}) does not name its model (no model config in the "
+                "file); give --model NAME"
             )
-        model = load_weights(args.weights)
-    else:
         pretrained = None if args.weights is None else str(args.weights)
-        model = create_model(args.model, pretrained=pretrained, **kwargs)
-    return model.eval()
+        return create_model(args.model, pretrained=pretrained, **kwargs).eval()
+    if args.model is not None and config["name"] != args.model:
+        raise ValueError(
+            f"--weights ({args.weights}) holds a {config['name']} model, not --model {args.model}"
+        )
+    if not kwargs:
+        return load_weights(args.weights).eval()
+    built: dict[str, Any] = {k: config[k] for k in ("num_classes", "in_chans") if k in config}
+    built.update(config.get("kwargs", {}), **kwargs)
+    return create_model(config["name"], pretrained=args.weights, **built).eval()
 
 
 def input_channels(model: nn.Module) -> int:

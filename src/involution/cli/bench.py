@@ -31,6 +31,7 @@ from involution.benchmark.report import FORMATS, bar_chart, environment, format_
 from involution.cli._options import (
     EXPECTED_ERRORS,
     add_device_arguments,
+    add_verbose_argument,
     fail,
     parse_model_args,
     setup_device,
@@ -45,6 +46,7 @@ _DTYPES = {
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    add_verbose_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls (default: 10)")
@@ -142,7 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     model.add_argument(
-        "--models", nargs="+", default=["rednet50", "resnet50"], help="(default: %(default)s)"
+        "--models",
+        nargs="+",
+        default=["rednet50", "resnet50"],
+        help="registered model names, all checked before the first is measured "
+        "(`involution list-models` lists them; default: %(default)s)",
     )
     model.add_argument(
         "--model-arg",
@@ -212,8 +218,11 @@ def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict,
 
 def _run_model(args: argparse.Namespace, device: torch.device) -> tuple[list, dict, dict]:
     from involution.models import create_model
+    from involution.models._builder import check_model_kwargs
 
     kwargs = parse_model_args(args.model_arg)
+    for name in args.models:
+        check_model_kwargs(name, kwargs)  # a typo in the last name fails before any timing
     metadata: dict[str, object] = environment(device)
     metadata.update(
         batch_size=args.batch_size,

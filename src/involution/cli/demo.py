@@ -5,7 +5,8 @@ images, upsampled to 32x32, fixed stratified 75/25 split) train rednet26_cifar a
 resnet26_cifar (same skeleton, involution vs 3x3 convolution; base_width=16). It prints a
 table of parameters, multiply-adds, test accuracy and training time, and writes training
 curves (curves.png), the first involution layer's kernels at a few pixels of a test image
-(kernels.png), results.json and each run's outputs to --output-dir (default runs/demo).
+(kernels.png), results.json and each run's outputs to --output-dir (default runs/demo). A demo
+run replaces the outputs of the previous one in that folder.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             device="cpu",
             tensorboard=False,
             plots=False,
+            overwrite=True,  # the demo is rerun as it is: it replaces its previous outputs
         )
         result = fit(config)
         model = result.model

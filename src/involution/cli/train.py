@@ -9,9 +9,23 @@ Examples:
   involution train --model rednet26_cifar --data cifar10 --data-dir data --download
   torchrun --nproc_per_node=2 -m involution train --model rednet50 --data folder --data-dir imagenet
   involution train ... --resume auto        # continue from <output-dir>/last.pt
+  involution train --model rednet26 --data folder --data-dir pets --pretrained rednet26.safetensors \\
+      --reset-classifier                      # fine-tune to another number of classes
 
 Writes to --output-dir: last.pt (checkpoint, every epoch), metrics.csv, metrics.json,
 curves.png, model.safetensors (final weights) and tensorboard/ when TensorBoard is installed.
+A folder that holds a previous run (last.pt or model.safetensors) is never overwritten
+silently: continue that run with --resume auto, or replace it with --overwrite.
+
+Resuming restores the model, optimizer, schedule position, random states and history. Options
+that differ from the checkpoint's run are reported: --epochs, --warmup-epochs rebuild the
+learning-rate schedule for the new total from the saved step (so extending a finished cosine
+run raises the learning rate again); --lr, --momentum, --weight-decay, --seed, --pretrained are
+ignored (the saved optimizer, random states and weights win); the others apply from the next
+epoch. --model, --model-arg, --data, --batch-size, --grad-accum and --optimizer cannot change.
+
+A progress bar with an ETA shows each epoch when stderr is a terminal and tqdm is installed.
+Top-5 accuracy is reported only for data with more than 5 classes.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import argparse
 import logging
 
 from involution.cli._options import parse_model_args
-from involution.training import CheckpointError, NonFiniteLossError, TrainConfig
+from involution.training import CheckpointError, EvalResult, NonFiniteLossError, TrainConfig
 from involution.training.config import AMP_DTYPES
 from involution.training.datasets import DATA_KINDS
 from involution.training.optim import OPTIMIZERS
@@ -55,10 +69,26 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of ``involution train``."""
-    parser.add_argument("--model", required=True, help="a registered model name, e.g. rednet26")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a registered model name, e.g. rednet26 (`involution list-models` lists them)",
+    )
     add_data_arguments(parser)
     parser.add_argument("--output-dir", default="runs/train", help="default: runs/train")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --output-dir: its last.pt, model.safetensors and "
+        "metrics are deleted when training starts (without it, such a folder is refused)",
+    )
     parser.add_argument("--pretrained", help="initial weights (.safetensors) to fine-tune")
+    parser.add_argument(
+        "--reset-classifier",
+        action="store_true",
+        help="with --pretrained: load every weight except the classifier, which starts afresh "
+        "for the data's classes (fine-tuning to another number of classes)",
+    )
     parser.add_argument("--epochs", type=int, default=100, help="default: 100")
     parser.add_argument(
         "--batch-size", type=int, default=128, help="global batch per optimizer step (default 128)"
@@ -102,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output_dir,
         model_kwargs=parse_model_args(args.model_arg),
         pretrained=args.pretrained,
+        reset_classifier=args.reset_classifier,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -123,11 +154,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         sync_bn=args.sync_bn,
         resume=args.resume,
+        overwrite=args.overwrite,
         download=args.download,
         download_url=args.download_url,
         download_md5=args.download_md5,
         tensorboard=args.tensorboard,
     )
+
+
+def format_accuracy(result: EvalResult) -> str:
+    """``top-1 0.9000, top-5 0.9900``; top-5 only with more than 5 classes."""
+    top5 = "" if result.top5 is None else f", top-5 {result.top5:.4f}"
+    return f"top-1 {result.top1:.4f}{top5}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,13 +180,15 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).error("%s%s", err, where)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError) as err:
+        if args.verbose:
+            raise
         logging.getLogger(__name__).error("%s", err)
         return 2
     if result.output_dir and result.history:
         print(
-            f"{config.model} on {config.data}: top-1 {result.final.top1:.4f}, "
-            f"top-5 {result.final.top5:.4f}, loss {result.final.loss:.4f} after "
-            f"{len(result.history)} epochs; outputs in {result.output_dir}"
+            f"{config.model} on {config.data}: {format_accuracy(result.final)}, "
+            f"loss {result.final.loss:.4f} after {len(result.history)} epochs; "
+            f"outputs in {result.output_dir}"
         )
     if result.skipped_files:
         print(f"skipped {len(result.skipped_files)} unreadable image files:")

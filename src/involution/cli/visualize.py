@@ -3,7 +3,9 @@
 The PNG shows, for one involution layer: the image with the chosen pixels numbered; per group, a
 map over the image of a statistic of each pixel's K x K kernel (default: the sum of its values);
 and, per chosen pixel, the K x K kernel of each group as a heat map (red positive, blue
-negative). Without --image, a sample image that ships with the package is used. Examples:
+negative, with its colour scale). Without --image, a sample image that ships with the package
+is used; without --weights the model is randomly initialized, so its kernels are untrained (a
+warning says so). Examples:
 
   involution visualize --model rednet26 --weights rednet26.safetensors --list-layers
   involution visualize --model rednet26 --layer layer4.0.conv2 --pixels 60,100 150,40
@@ -12,6 +14,7 @@ negative). Without --image, a sample image that ships with the package is used. 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from involution.cli._options import (
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.image is not None and not args.image.is_file():
             raise FileNotFoundError(f"--image ({args.image}) is not a file")
+        if args.image_size < 1:
+            raise ValueError(f"--image-size ({args.image_size}) must be >= 1")
         model = build_model(args)
         layers = involution_layers(model)
         if args.list_layers:
@@ -96,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
         if not layers:
             raise ValueError(f"the model ({type(model).__name__}) has no involution layer")
         layer = args.layer or list(layers)[-1]
+        if args.weights is None:
+            print(
+                "involution visualize: warning: no --weights: the model is randomly "
+                "initialized, so the kernels drawn are untrained",
+                file=sys.stderr,
+            )
         image_path = args.image or sample_image()
         images, picture = load_image(image_path, args.image_size, input_channels(model))
         kernel = capture_kernel(model, layer, images)

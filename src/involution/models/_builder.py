@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._registry import get_model_entrypoint
 from .weights import PathLike, load_state_dict_strict, read_weights
 
-__all__ = ["create_model"]
+__all__ = ["check_model_kwargs", "create_model"]
 
 logger = logging.getLogger(__name__)
 
 # Keys of the classification head, which a features_only model does not have.
-_HEAD_PREFIX = "fc."
+HEAD_PREFIX = "fc."
+# Arguments of create_model itself, which every model function takes.
+_CREATE_ARGS = ("num_classes", "in_chans", "features_only", "out_indices")
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Checks that the model ``name`` exists and that its builder takes every key of ``kwargs``.
+
+    Checks names only, without building anything (values are the builder's to check).
+
+    Raises:
+        ValueError: an unknown model name (close matches listed), or a keyword the builder does
+            not take; the message lists the ones it takes.
+    """
+    entrypoint = get_model_entrypoint(name)
+    parameters = inspect.signature(entrypoint).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a builder taking **kwargs: only it can tell
+    unknown = [key for key in kwargs if key not in parameters or key in _CREATE_ARGS]
+    if unknown:
+        accepted = [p for p in parameters if p not in _CREATE_ARGS]
+        raise ValueError(
+            f"model argument {unknown[0]!r} is not an argument of {name}; it takes "
+            f"{', '.join(accepted) or 'none'}"
+        )
 
 
 def create_model(
@@ -58,6 +84,7 @@ def create_model(
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
+    check_model_kwargs(name, kwargs)
     entrypoint = get_model_entrypoint(name)
     for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -84,30 +111,41 @@ def create_model(
         "kwargs": dict(kwargs),
     }
     if pretrained is not None:
-        _load_pretrained(model, name, pretrained, num_classes, in_chans, features_only)
+        state_dict, config = read_weights(pretrained)
+        load_pretrained(model, state_dict, config, repr(os.fspath(pretrained)))
     return model
 
 
-def _load_pretrained(
+def load_pretrained(
     model: nn.Module,
-    name: str,
-    path: PathLike,
-    num_classes: int,
-    in_chans: int,
-    features_only: bool,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None,
+    source: str,
 ) -> None:
-    state_dict, config = read_weights(path)
-    source = repr(os.fspath(path))
+    """Loads weights read from a file into a model built by :func:`create_model`, strictly.
+
+    Args:
+        model: the model; its ``model_config`` says what it is.
+        state_dict, config: the file's tensors and model config (``read_weights``).
+        source: the file, for messages.
+
+    Raises:
+        ValueError: the weights do not fit the model; nothing is loaded.
+    """
+    built: dict[str, Any] = model.model_config  # type: ignore[assignment]
+    name, num_classes = built["name"], built["num_classes"]
+    in_chans, features_only = built["in_chans"], built["features_only"]
     if config is not None and config["name"] != name:
         logger.warning("loading weights saved for %s into %s", config["name"], name)
     if features_only:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIX)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
     elif "fc.weight" in state_dict and state_dict["fc.weight"].shape[0] != num_classes:
         classes = state_dict["fc.weight"].shape[0]
         raise ValueError(
             f"num_classes ({num_classes}) does not match the {classes} classes of weight file "
             f"{source}; build with num_classes={classes}, then call "
-            f"model.reset_classifier({num_classes}) to fine-tune; nothing loaded"
+            f"model.reset_classifier({num_classes}) to fine-tune (`involution train "
+            "--reset-classifier` does this); nothing loaded"
         )
     stem = state_dict.get("stem.conv1.weight")
     if stem is not None and stem.dim() == 4 and stem.shape[1] != in_chans:

@@ -49,6 +49,7 @@ def get_model_entrypoint(name: str) -> Callable[..., nn.Module]:
         close = difflib.get_close_matches(str(name), _MODELS, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(
-            f"model name ({name!r}) is not a registered model{hint} (see involution.list_models())"
+            f"model name ({name!r}) is not a registered model{hint} (`involution list-models` "
+            "or involution.list_models() lists them)"
         )
     return _MODELS[name]

@@ -30,7 +30,7 @@ import torch
 
 from ..nn import OFFICIAL_KEY_PREFIXES, convert_official_state_dict
 from ._builder import create_model
-from .rednet import DEPTHS, GROUP_CHANNELS, RedNet
+from .rednet import DEPTHS, GROUP_CHANNELS, RedNet, ResNet
 from .weights import PathLike, load_state_dict_strict
 
 __all__ = ["from_official", "load_official_checkpoint", "to_official"]
@@ -225,7 +225,7 @@ def load_official_checkpoint(
         features_only=config.get("features_only", False),
         **config["kwargs"],
     )
-    if not isinstance(model, RedNet):
+    if not isinstance(model, RedNet) or isinstance(model, ResNet):
         raise ValueError(f"name ({name!r}) must name a RedNet, got a {type(model).__name__}")
     load_state_dict_strict(model, state_dict, source)
     logger.info("converted %s from the authors' checkpoint %s", model.model_config["name"], source)

@@ -4,7 +4,9 @@ Importing this module registers, for ``torch.ops.involution.{involution, grad_in
 grad_kernel}``, the cost of the aggregation (Li et al., CVPR 2021, Sec. 3.2): each of the
 ``B * C * prod(out)`` outputs sums ``K^n`` products, so ``B * C * prod(out) * K^n``
 multiply-adds, and as many for each of the two backward ops. ``FlopCounterMode`` counts two
-FLOPs per multiply-add, so the formulas return twice that.
+FLOPs per multiply-add, so the formulas return twice that. The fused op
+(``fused_involution``, kernel generated inside) counts its span convolution's multiply-adds as
+well, so a model counts the same whichever op its layers call.
 
 :func:`count_macs` reports multiply-adds as the paper does: the paper's FLOPs follow mmcv's
 complexity counter, which adds to the convolution and linear multiply-adds one operation per
@@ -49,6 +51,46 @@ def _grad_kernel_flop(
     return 2 * math.prod(grad_out_shape) * math.prod(kernel_size)
 
 
+def _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape) -> int:
+    """Multiply-adds of the span (R per kernel value) plus those of the aggregation."""
+    pixels = input_shape[0] * math.prod(features_shape[2:])
+    return pixels * weight_shape[0] * weight_shape[1] + math.prod(out_shape) * math.prod(
+        kernel_size
+    )
+
+
+@register_flop_formula(torch.ops.involution.fused_involution)
+def _fused_flop(
+    input_shape,
+    features_shape,
+    weight_shape,
+    bias_shape,
+    kernel_size,
+    *args: Any,
+    out_shape=None,
+    **kwargs: Any,
+) -> int:
+    return 2 * _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape)
+
+
+@register_flop_formula(torch.ops.involution.fused_involution_backward)
+def _fused_backward_flop(
+    grad_out_shape,
+    input_shape,
+    features_shape,
+    weight_shape,
+    bias_shape,
+    kernel_size,
+    *args: Any,
+    out_shape=None,
+    **kwargs: Any,
+) -> int:
+    # The span recomputed, grad_input and grad_kernel, then grad_features and grad_weight.
+    span = input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0] * weight_shape[1]
+    aggregation = math.prod(grad_out_shape) * math.prod(kernel_size)
+    return 2 * (3 * span + 2 * aggregation)
+
+
 # Element-wise costs of the paper's convention, in FlopCounterMode units (2 per operation, so
 # that halving the total gives the paper's number).
 def _conv_with_bias(
@@ -67,6 +109,22 @@ def _conv_with_bias(
     return flops + (2 * math.prod(out_shape) if bias is not None else 0)
 
 
+def _fused_with_bias(
+    input_shape,
+    features_shape,
+    weight_shape,
+    bias_shape,
+    kernel_size,
+    *args: Any,
+    out_shape=None,
+    **kwargs: Any,
+) -> int:
+    macs = _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape)
+    if bias_shape is not None:
+        macs += input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0]
+    return 2 * macs
+
+
 def _per_output_element(*args: Any, out_shape=None, **kwargs: Any) -> int:
     return 2 * math.prod(out_shape)
 
@@ -81,6 +139,7 @@ def _batch_norm(input_shape, weight_shape, *args: Any, out_shape=None, **kwargs:
 
 _ELEMENTWISE = {
     aten.convolution: _conv_with_bias,
+    torch.ops.involution.fused_involution: _fused_with_bias,
     aten.relu: _per_output_element,
     aten.relu_: _per_output_element,
     aten.hardtanh: _per_output_element,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import Involution2d
+from .rednet import GROUP_CHANNELS
 
 __all__ = ["FPN"]
 
@@ -50,6 +51,13 @@ class FPN(nn.Module):
     ) -> None:
         super().__init__()
         in_channels = list(in_channels)
+        if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
+            raise ValueError(f"out_channels ({out_channels!r}) must be a positive int")
+        if involution and out_channels % GROUP_CHANNELS:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be a multiple of {GROUP_CHANNELS}, the "
+                "channels of an involution group (or use involution=False)"
+            )
         if not in_channels or any(not isinstance(c, int) or c < 1 for c in in_channels):
             raise ValueError(
                 f"in_channels ({in_channels!r}) must be a non-empty list of positive ints"

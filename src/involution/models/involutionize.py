@@ -3,6 +3,8 @@
 :func:`involutionize` replaces every spatial convolution (kernel > 1, ``groups == 1``, "same"
 padding) by an involution with the same stride and dilation, followed by a 1x1 projection where
 the output channels differ; every other convolution is left alone and reported with the reason.
+On a model of :func:`involution.create_model` it also records its arguments in the model's
+``model_config``, so that ``save_weights`` / ``load_weights`` round-trip the new structure.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ def involutionize(
     Returns:
         The names of the replaced convolutions and, for each one kept, why.
 
+    A model built by :func:`involution.create_model` gets ``kernel_size`` and
+    ``involution_kwargs`` appended to ``model.model_config["involutionize"]``: ``load_weights``
+    replays the call, which replaces the same convolutions. ``save_weights`` then needs those
+    arguments to be JSON values (e.g. no ``norm_layer`` function).
+
     Example:
         >>> report = involutionize(create_model("resnet26"))
         >>> print(report)
@@ -130,4 +137,11 @@ def involutionize(
         report.replaced.append(name)
     if not report.replaced:
         logger.warning("involutionize: no convolution replaced; see the report's reasons")
+    config = getattr(model, "model_config", None)
+    if isinstance(config, dict):
+        calls = [
+            *config.get("involutionize", []),
+            {"kernel_size": kernel_size, **involution_kwargs},
+        ]
+        model.model_config = {**config, "involutionize": calls}  # type: ignore[assignment]
     return report

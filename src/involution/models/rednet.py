@@ -11,6 +11,7 @@ The ``*_cifar`` variants start with a stride-1 stem and no max-pool, for 32 x 32
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..nn import Involution2d
 from ._registry import register_model
 
-__all__ = ["Bottleneck", "RedNet", "Stem"]
+__all__ = ["Bottleneck", "RedNet", "ResNet", "Stem"]
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,15 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class ResNet(RedNet):
+    """RedNet's convolution twin (the ``resnet*`` models): a 3 x 3 convolution wherever RedNet
+    has an involution, and otherwise the same network; arguments as :class:`RedNet`'s, less
+    ``kind``."""
+
+    def __init__(self, layers: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(layers, kind="conv", **kwargs)
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} ({value!r}) must be a positive int")
@@ -385,16 +395,25 @@ def _check_positive_int(name: str, value: object) -> None:
 def _model(depth: int, kind: str, cifar: bool) -> Callable[..., RedNet]:
     """The registered constructor of one depth, kind and input size."""
 
+    cls = RedNet if kind == "involution" else ResNet
+
     def build(**kwargs: Any) -> RedNet:
         if cifar:
             kwargs.setdefault("stem_stride", 1)
-        return RedNet(DEPTHS[depth], kind=kind, **kwargs)
+        return cls(DEPTHS[depth], **kwargs)
 
     prefix = "rednet" if kind == "involution" else "resnet"
     build.__name__ = f"{prefix}{depth}{'_cifar' if cifar else ''}"
     size = "32 x 32 inputs (stride-1 stem, no max-pool)" if cifar else "224 x 224 inputs"
     what = "RedNet" if kind == "involution" else "ResNet baseline with RedNet's skeleton"
     build.__doc__ = f"{what}-{depth} for {size}."
+    # The arguments create_model accepts for this name (it checks them against this signature).
+    parameters = [
+        p.replace(default=1) if cifar and p.name == "stem_stride" else p
+        for p in inspect.signature(RedNet).parameters.values()
+        if p.name not in ("layers", "kind")
+    ]
+    build.__signature__ = inspect.Signature(parameters, return_annotation=cls)  # type: ignore[attr-defined]
     return register_model(build)
 
 

@@ -2,8 +2,10 @@
 
 The config is the JSON of the arguments that rebuild the model with
 :func:`involution.create_model` (``name``, ``num_classes``, ``in_chans``, ``features_only``,
-``out_indices`` and the builder ``kwargs``), stored in the file's metadata under the key
-``"involution.config"``, so one file is all :func:`load_weights` needs. Nothing is pickled.
+``out_indices`` and the builder ``kwargs``), plus the arguments of each
+:func:`~involution.models.involutionize` call made on it since (``involutionize``), stored in
+the file's metadata under the key ``"involution.config"``, so one file is all
+:func:`load_weights` needs. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +32,12 @@ PathLike = str | os.PathLike[str]
 def save_weights(model: nn.Module, path: PathLike) -> None:
     """Writes the model's state_dict and config to a ``.safetensors`` file.
 
+    The file is written atomically (a temporary file renamed over ``path``), with the
+    permissions of any new file (those the umask leaves); missing parent folders are created.
+
     Args:
-        model: a model made by :func:`involution.create_model` (it carries ``model_config``).
+        model: a model made by :func:`involution.create_model` (it carries ``model_config``),
+            possibly changed by ``involutionize`` or ``reset_classifier`` since.
         path: file to write.
 
     Raises:
@@ -51,11 +58,24 @@ def save_weights(model: nn.Module, path: PathLike) -> None:
         raise ValueError(
             f"model_config ({config!r}) must hold only JSON values to be saved: {err}"
         ) from err
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt", CONFIG_KEY: metadata})
-    logger.info("saved %d tensors of %s to %s", len(tensors), config["name"], os.fspath(path))
+    # Serialized here and written with open(), because safetensors' own writer creates its
+    # file with mode 0600 whatever the umask, unlike every other output of a run.
+    data = save(tensors, metadata={"format": "pt", CONFIG_KEY: metadata})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("saved %d tensors of %s to %s", len(tensors), config["name"], path)
 
 
 def read_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -136,6 +156,9 @@ def load_state_dict_strict(
 def load_weights(path: PathLike) -> nn.Module:
     """Rebuilds the model saved by :func:`save_weights` and loads its weights strictly.
 
+    The model is built by :func:`involution.create_model` from the file's config, then
+    ``involutionize`` is replayed with the recorded arguments, if it was called.
+
     Raises:
         FileNotFoundError, ValueError: as :func:`read_weights`; ValueError too when the file has
             no model config (then use ``create_model(name, pretrained=path)``) or does not fit it.
@@ -145,21 +168,25 @@ def load_weights(path: PathLike) -> nn.Module:
         >>> model = load_weights("m.safetensors")
     """
     # Imported here because the builder loads weights with this module's functions.
-    from ._builder import create_model
+    from ._builder import create_model, load_pretrained
+    from .involutionize import involutionize
 
-    _, config = read_weights(path)
+    state_dict, config = read_weights(path)
     if config is None:
         raise ValueError(
             f"weight file ({os.fspath(path)!r}) has no {CONFIG_KEY!r} metadata; load it with "
             "create_model(name, pretrained=path) instead"
         )
     kwargs = dict(config.get("kwargs", {}))
-    return create_model(
+    model = create_model(
         config["name"],
-        pretrained=path,
         num_classes=config.get("num_classes", 1000),
         in_chans=config.get("in_chans", 3),
         features_only=config.get("features_only", False),
         out_indices=tuple(config.get("out_indices", (1, 2, 3, 4))),
         **kwargs,
     )
+    for arguments in config.get("involutionize", []):
+        involutionize(model, **arguments)
+    load_pretrained(model, state_dict, config, repr(os.fspath(path)))
+    return model

@@ -19,12 +19,13 @@ strides the eager op produces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from . import layout
+from . import layout, span
 from .dispatch import implementation
 
 
@@ -172,3 +173,103 @@ def _grad_kernel_backward(ctx, grad):
 
 
 grad_kernel.register_autograd(_grad_kernel_backward, setup_context=_grad_kernel_setup)
+
+
+# The fused op: involution(input, span(features, weight, bias)) with the kernel generated from the
+# hidden features inside the op and never saved for the backward. A backend module may provide
+# native passes ``fused_forward(input, features, weight, bias, kernel_size, stride, padding,
+# dilation)`` and ``fused_backward(grad_out, input, features, weight, bias, kernel_size, stride,
+# padding, dilation) -> (grad_input, grad_features, grad_weight, grad_bias)``; otherwise the op
+# composes the span (``span.py``) with the backend's three passes, and its backward recomputes the
+# kernel. The composed backward is made of differentiable operations, so gradients of any order
+# work; a native backward gives first-order gradients.
+
+
+@torch.library.custom_op("involution::fused_involution", mutates_args=())
+def fused_involution(
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> torch.Tensor:
+    backend_module = implementation(backend)
+    geometry = (kernel_size, stride, padding, dilation)
+    if hasattr(backend_module, "fused_forward"):
+        out = backend_module.fused_forward(input, features, weight, bias, *geometry)
+    else:
+        kernel = span.span(features, weight, bias, math.prod(kernel_size))
+        out = backend_module.forward(input, kernel, *geometry)
+    return layout.like_input(out, input)
+
+
+@fused_involution.register_fake
+def _(input, features, weight, bias, kernel_size, stride, padding, dilation, backend):
+    shape = (input.shape[0], input.shape[1], *features.shape[2:])
+    return layout.empty(shape, input, layout.channels_last(input))
+
+
+@torch.library.custom_op("involution::fused_involution_backward", mutates_args=())
+def fused_involution_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gi, gf, gw, gb = implementation(backend).fused_backward(
+        grad_out, input, features, weight, bias, kernel_size, stride, padding, dilation
+    )
+    return layout.like_input(gi, input), layout.like_input(gf, features), gw, gb
+
+
+@fused_involution_backward.register_fake
+def _(grad_out, input, features, weight, bias, kernel_size, stride, padding, dilation, backend):
+    return (
+        layout.empty(input.shape, input, layout.channels_last(input)),
+        layout.empty(features.shape, features, layout.channels_last(features)),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[:1]),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    input, features, weight, bias, kernel_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(input, features, weight, bias)
+    _save_geometry(ctx, kernel_size, stride, padding, dilation, backend)
+
+
+def _fused_backward(ctx, grad):
+    input, features, weight, bias = ctx.saved_tensors
+    geometry = _geometry(ctx)
+    needs = ctx.needs_input_grad[:4]
+    if hasattr(implementation(ctx.backend), "fused_backward"):
+        grads = fused_involution_backward(
+            grad, input, features, weight, bias, *geometry, ctx.backend
+        )
+        return *(g if need else None for g, need in zip(grads, needs, strict=True)), *[None] * 5
+    gi = gf = gw = gb = None
+    if needs[0]:
+        kernel = span.span(features, weight, bias, math.prod(ctx.kernel_size))
+        gi = layout.like_input(
+            grad_input(grad, kernel, input.shape[2:], *geometry, ctx.backend), input
+        )
+    if any(needs[1:]):
+        groups = weight.shape[0] // math.prod(ctx.kernel_size)
+        gk = grad_kernel(grad, input, *geometry, groups, ctx.backend)
+        gf, gw, gb = span.span_backward(gk, features, weight, (needs[1], needs[2], needs[3]))
+        if gf is not None:
+            gf = layout.like_input(gf, features)
+    return gi, gf, gw, gb, None, None, None, None, None
+
+
+fused_involution.register_autograd(_fused_backward, setup_context=_fused_setup)

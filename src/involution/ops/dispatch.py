@@ -14,6 +14,7 @@ why, one warning is logged, and "auto" falls back to the portable ``torch`` back
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -57,6 +58,7 @@ def can_run_torch(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool =
     return True
 
 
+@functools.cache  # asked on every CUDA call; the module search costs tens of microseconds
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -150,6 +152,15 @@ def choose_backend(input: torch.Tensor, kernel: torch.Tensor, backend: str) -> s
     if not torch.compiler.is_compiling():
         logger.debug("involution: backend %s on %s %s", chosen, input.device, input.dtype)
     return chosen
+
+
+def has_fused_passes(backend: str) -> bool:
+    """Whether ``backend`` computes the fused op natively (``fused_forward``/``fused_backward``).
+
+    Without them the fused op composes the span with the backend's passes and recomputes the
+    kernel in the backward: it saves memory, at the cost of a second span convolution.
+    """
+    return backend != "reference" and hasattr(implementation(backend), "fused_forward")
 
 
 def implementation(backend: str) -> ModuleType:

@@ -48,10 +48,18 @@ def empty_kernel(
     """An uninitialized (B, G, T, *out) kernel-shaped tensor, pixel-major or contiguous."""
     if not pixel_major:
         return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    order = (0, *range(3, len(shape)), 1, 2)  # B, *out, G, T
-    inverse = sorted(range(len(shape)), key=order.__getitem__)
-    stored = torch.empty([shape[i] for i in order], dtype=dtype or like.dtype, device=like.device)
-    return stored.permute(inverse)
+    strides = _pixel_major_strides(shape)
+    return torch.empty_strided(shape, strides, dtype=dtype or like.dtype, device=like.device)
+
+
+def _pixel_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Strides of a (B, G, T, *out) tensor stored in the order B, *out, G, T."""
+    strides = [0] * len(shape)
+    step = 1
+    for i in (2, 1, *range(len(shape) - 1, 2, -1), 0):  # innermost first
+        strides[i] = step
+        step *= max(shape[i], 1)
+    return tuple(strides)
 
 
 def like_input(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -63,7 +71,7 @@ def like_kernel_of(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """Kernel-shaped ``t`` pixel-major when ``input`` is channels-last; ``t`` when it already is."""
     if not channels_last(input):
         return t.contiguous()
-    out = empty_kernel(t.shape, t, pixel_major=True)
-    if out.stride() == t.stride():
+    # Compared without allocating: this runs on every kernel gradient, CUDA graph captures too.
+    if t.stride() == _pixel_major_strides(t.shape):
         return t
-    return out.copy_(t)
+    return empty_kernel(t.shape, t, pixel_major=True).copy_(t)

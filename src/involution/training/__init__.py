@@ -8,7 +8,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datasets import DATA_KINDS, DataSets, load_data
 from .engine import EvalResult, NonFiniteLossError, evaluate, train_one_epoch
-from .fit import FitResult, build_model, check_num_classes, fit
+from .fit import FitResult, build_model, check_model_fits_data, fit
 
 __all__ = [
     "DATA_KINDS",
@@ -19,7 +19,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "build_model",
-    "check_num_classes",
+    "check_model_fits_data",
     "evaluate",
     "fit",
     "load_checkpoint",

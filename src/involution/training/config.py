@@ -11,9 +11,42 @@ import torch
 from .datasets import DATA_KINDS
 from .optim import OPTIMIZERS
 
-__all__ = ["AMP_DTYPES", "TrainConfig"]
+__all__ = ["AMP_DTYPES", "TrainConfig", "check_model_kwargs"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Builder arguments that train and eval set themselves, and why.
+_RESERVED_MODEL_ARGS = {
+    "num_classes": "the number of classes comes from --data (see --reset-classifier to "
+    "fine-tune weights made for another count)",
+    "in_chans": "the input channels come from --data",
+    "pretrained": "use --pretrained PATH",
+    "features_only": "training needs the classifier",
+    "out_indices": "training needs the classifier",
+}
+
+
+def check_model_kwargs(model: str, model_kwargs: dict[str, Any]) -> None:
+    """Checks ``--model`` and the keys of ``--model-arg`` before anything is built.
+
+    Raises:
+        ValueError: an unknown model (close names listed), a key that train and eval set
+            themselves, or a key the model does not take (the ones it takes listed).
+    """
+    from ..models._builder import check_model_kwargs as check_builder_kwargs
+    from ..models._registry import get_model_entrypoint
+
+    try:
+        get_model_entrypoint(model)
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from None
+    for key, why in _RESERVED_MODEL_ARGS.items():
+        if key in model_kwargs:
+            raise ValueError(f"--model-arg {key}={model_kwargs[key]!r} is not accepted: {why}")
+    try:
+        check_builder_kwargs(model, model_kwargs)
+    except ValueError as err:
+        raise ValueError(f"--model-arg: {err}") from None
 
 
 @dataclass
@@ -32,6 +65,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    reset_classifier: bool = False
     epochs: int = 100
     batch_size: int = 128
     lr: float | None = None
@@ -54,6 +88,7 @@ class TrainConfig:
     device: str | None = None
     sync_bn: bool = False
     resume: str | None = None
+    overwrite: bool = False
     download: bool = False
     download_url: str | None = None
     download_md5: str | None = None
@@ -88,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"--workers ({self.workers}) must be >= 0")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"--device ({self.device!r}) must be 'cpu' or 'cuda'")
+        if self.reset_classifier and self.pretrained is None:
+            raise ValueError("--reset-classifier needs --pretrained PATH (the weights to load)")
+        check_model_kwargs(self.model, self.model_kwargs)
 
     def resolved_lr(self) -> float:
         """The learning rate: ``lr``, or 0.1 per 256 images of global batch."""

@@ -37,6 +37,7 @@ __all__ = [
     "DataSets",
     "ImageFolder",
     "collate_skipping_corrupt",
+    "first_readable",
     "load_data",
 ]
 
@@ -113,6 +114,10 @@ class ArrayDataset(Dataset):
         """A name for sample ``index`` in messages."""
         return f"sample {index}"
 
+    def readable(self, index: int) -> bool:
+        """Whether sample ``index`` can be read: always, for images in memory."""
+        return 0 <= index < len(self)
+
 
 class ImageFolder(Dataset):
     """Images in ``<root>/<class>/<file>`` folders, decoded with Pillow as they are read.
@@ -165,14 +170,20 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
+    def _decode(self, index: int) -> Any:
+        """The RGB Pillow image of sample ``index``, or None when Pillow cannot decode it."""
         from PIL import Image
 
-        path, label = self.samples[index]
         try:
-            with Image.open(path) as im:
-                rgb = im.convert("RGB")
+            with Image.open(self.samples[index][0]) as im:
+                return im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
+        label = self.samples[index][1]
+        rgb = self._decode(index)
+        if rgb is None:
             return None, label, index
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         image = data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
@@ -181,6 +192,10 @@ class ImageFolder(Dataset):
     def describe(self, index: int) -> str:
         """The file of sample ``index``."""
         return str(self.samples[index][0])
+
+    def readable(self, index: int) -> bool:
+        """Whether the file of sample ``index`` decodes (without the transform)."""
+        return self._decode(index) is not None
 
 
 def collate_skipping_corrupt(
@@ -199,6 +214,27 @@ def collate_skipping_corrupt(
     images = torch.stack([image for image, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
     return images, labels, skipped
+
+
+def first_readable(dataset: Dataset, what: str) -> int:
+    """The index of the first sample of ``dataset`` that can be read.
+
+    Stops at the first readable sample, so it costs one decode on healthy data; it reads every
+    file only when none decodes. Transforms are not run (no random state is used).
+
+    Raises:
+        ValueError: the data set is empty or none of its samples can be read.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    for index in range(size):
+        if dataset.readable(index):  # type: ignore[attr-defined]
+            return index
+    if size == 0:
+        raise ValueError(f"{what} is empty")
+    example = dataset.describe(0)  # type: ignore[attr-defined]
+    raise ValueError(
+        f"{what} has no readable image: none of its {size} files decodes (e.g. {example})"
+    )
 
 
 @dataclass

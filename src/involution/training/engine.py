@@ -52,17 +52,17 @@ class EpochResult:
 
 @dataclass
 class EvalResult:
-    """Metrics of one evaluation pass."""
+    """Metrics of one evaluation pass; ``top5`` is None with 5 classes or fewer (always 1)."""
 
     loss: float
     top1: float
-    top5: float
+    top5: float | None
     samples: int
     seconds: float
     images_per_second: float
     skipped: list[int] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | None]:
         """The metrics without the skipped indices, for JSON."""
         return {
             "loss": self.loss,
@@ -76,13 +76,19 @@ class EvalResult:
 
 
 def _progress(loader: Iterable, desc: str, show: bool) -> Iterable:
-    if show and sys.stdout.isatty():
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return loader
-        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    return loader
+    """``loader`` with a progress bar and ETA on stderr, when stderr is a terminal.
+
+    The bar goes where tqdm writes, stderr, so ``involution train ... | tee log`` keeps it on
+    screen and ``2> log`` keeps it out of the log. Without tqdm the loop runs without a bar.
+    """
+    if not (show and sys.stderr.isatty()):
+        return loader
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        logger.debug("no progress bar: tqdm is not installed")
+        return loader
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, unit="batch")
 
 
 def train_one_epoch(
@@ -196,7 +202,7 @@ def evaluate(
     channels_last: bool = False,
     num_classes: int | None = None,
 ) -> EvalResult:
-    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput.
+    """Top-1, top-5 (None with 5 classes or fewer), mean cross-entropy and throughput.
 
     Under DDP each rank evaluates its own shard and the sums are all-reduced.
     """
@@ -204,6 +210,7 @@ def evaluate(
     device = info.device
     loss_sum = 0.0
     correct1 = correct5 = samples = 0
+    classes = num_classes
     skipped: list[int] = []
     start = time.perf_counter()
     for images, labels, bad in _progress(loader, "eval", info.is_main):
@@ -219,8 +226,8 @@ def evaluate(
         ):
             logits = model(images).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        k = min(5, num_classes or logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+        classes = num_classes or logits.shape[1]
+        top = logits.topk(min(5, classes), dim=1).indices
         hits = top == labels[:, None]
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
@@ -236,7 +243,7 @@ def evaluate(
     return EvalResult(
         loss=loss if math.isfinite(loss) else float("nan"),
         top1=float(sums[1]) / n,
-        top5=float(sums[2]) / n,
+        top5=float(sums[2]) / n if classes is not None and classes > 5 else None,
         samples=n,
         seconds=seconds,
         images_per_second=n / seconds if seconds > 0 else float("inf"),

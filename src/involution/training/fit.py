@@ -4,6 +4,19 @@
 it trains, evaluates on the test set, appends a row to the history, writes ``metrics.csv`` and
 then the checkpoint ``last.pt`` (atomically; rank 0 only). At the end it writes the weights
 (``model.safetensors``), ``metrics.json`` and ``curves.png`` to the output directory.
+
+A previous run's outputs are never replaced silently: a run writes into a folder holding
+``last.pt`` or ``model.safetensors`` only when it continues that folder's checkpoint
+(``resume="auto"`` or its path), or with ``overwrite=True``, which deletes them first.
+
+Resuming restores the model, optimizer, schedule position, random states and history. Options
+that differ from the checkpoint's run are reported by a warning, in three kinds: ``epochs``,
+``warmup_epochs`` and ``warmup_start`` rebuild the learning-rate schedule for the new values at
+the saved step (extending a finished run raises the learning rate again); ``lr``, ``momentum``,
+``weight_decay``, ``seed``, ``pretrained`` and ``reset_classifier`` are ignored (the optimizer,
+random states and weights come from the checkpoint); the others (label smoothing, clipping,
+precision, augmentation ...) apply from the next epoch. ``model``, ``model_kwargs``, ``data``,
+``batch_size``, ``grad_accum`` and ``optimizer`` must not change.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +47,35 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import AMP_DTYPES, TrainConfig
-from .datasets import DataSets, collate_skipping_corrupt, load_data
+from .datasets import DataSets, collate_skipping_corrupt, first_readable, load_data
 from .distributed import DistInfo, broadcast_buffers, setup, teardown
 from .engine import EvalResult, NonFiniteLossError, evaluate, train_one_epoch
 from .metrics_log import MetricsLogger, write_json
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["FitResult", "build_model", "check_num_classes", "fit", "seed_everything"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "FitResult",
+    "build_model",
+    "check_model_fits_data",
+    "fit",
+    "seed_everything",
+]
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+# What a run writes into its folder; --overwrite deletes these first.
+_OUTPUTS = (CHECKPOINT_NAME, WEIGHTS_NAME, "metrics.csv", "metrics.json", "curves.png")
+# Options whose change on resume rebuilds the schedule, or is ignored (see the module docstring).
+_SCHEDULE_OPTIONS = ("epochs", "warmup_epochs", "warmup_start")
+_IGNORED_ON_RESUME = ("lr", "momentum", "weight_decay", "seed", "pretrained", "reset_classifier")
+_FIXED_ON_RESUME = ("model", "model_kwargs", "data", "batch_size", "grad_accum", "optimizer")
+# Options that do not change how the run trains.
+_UNTRACKED = (
+    "resume", "output_dir", "data_dir", "workers", "device", "download", "overwrite", "plots",
+    "tensorboard",
+)  # fmt: skip
 
 
 @dataclass
@@ -68,29 +102,81 @@ def build_model(
     num_classes: int,
     in_chans: int,
     pretrained: str | None = None,
-    **kwargs: Any,
+    reset_classifier: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A model of the zoo by name, for ``num_classes`` outputs and ``in_chans`` input channels.
 
-    Raises:
-        ValueError: ``name`` is not a registered model.
-    """
-    from ..models import create_model, list_models
-
-    names = list_models()
-    if name not in names:
-        raise ValueError(f"--model ({name!r}) is not a registered model; choose one of {names}")
-    return create_model(
-        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-    )
-
-
-def check_num_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, what: str) -> None:
-    """Runs one sample through ``model`` and checks its number of outputs.
+    Args:
+        name, num_classes, in_chans: as :func:`involution.create_model`'s.
+        pretrained: a ``.safetensors`` file of initial weights, loaded strictly.
+        reset_classifier: load every weight of ``pretrained`` except the classifier's (``fc``
+            in every model of the zoo), which stays freshly initialized for ``num_classes``
+            (fine-tuning to new classes).
+        model_kwargs: the builder's other arguments (``--model-arg``).
 
     Raises:
-        ValueError: the model's output width differs from the data set's number of classes.
+        ValueError: an unknown model or builder argument, or weights that do not fit the model
+            (a classifier for another number of classes without ``reset_classifier``).
     """
+    from ..models import create_model
+    from ..models._builder import HEAD_PREFIX, load_pretrained
+    from ..models.weights import read_weights
+    from .config import check_model_kwargs
+
+    kwargs = dict(model_kwargs or {})
+    check_model_kwargs(name, kwargs)
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained is None:
+        return model
+    state_dict, config = read_weights(pretrained)
+    head = state_dict.get(f"{HEAD_PREFIX}weight")
+    if reset_classifier:
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)}
+        body = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+        state_dict = {**body, **fresh}
+        logger.info(
+            "--reset-classifier: loaded every weight of %s except the classifier (%s), "
+            "which is new for %d classes",
+            pretrained,
+            "absent" if head is None else f"{head.shape[0]} classes in the file",
+            num_classes,
+        )
+    elif head is not None and head.shape[0] != num_classes:
+        raise ValueError(
+            f"--pretrained ({pretrained}) has a classifier for {head.shape[0]} classes but the "
+            f"data has {num_classes}; pass --reset-classifier to load every weight except the "
+            "classifier and train a new one"
+        )
+    load_pretrained(model, state_dict, config, repr(pretrained))
+    return model
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    config = getattr(model, "model_config", None)
+    if isinstance(config, dict) and "in_chans" in config:
+        return int(config["in_chans"])
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
+def check_model_fits_data(
+    model: nn.Module, sample: torch.Tensor, num_classes: int, what: str
+) -> None:
+    """Checks that ``model`` takes the data's images and predicts its classes.
+
+    The input channels are compared first (a mismatch would fail inside a convolution), then
+    one sample runs through the model to count its outputs.
+
+    Raises:
+        ValueError: the model's input channels or output width differ from the data set's.
+    """
+    channels = _input_channels(model)
+    if channels is not None and channels != sample.shape[0]:
+        raise ValueError(
+            f"the model takes {channels}-channel images but {what} has {sample.shape[0]}-channel "
+            "images; use weights trained for this kind of image"
+        )
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -141,25 +227,51 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    for key in ("model", "model_kwargs", "data", "batch_size", "grad_accum"):
-        if saved.get(key) != getattr(config, key):
+def _changed_options(saved: dict[str, Any], config: TrainConfig, path: Path) -> list[str]:
+    """The options of ``config`` that differ from the checkpoint's run (see the module docs).
+
+    Raises:
+        ValueError: an option that cannot change on resume did.
+    """
+    for key in _FIXED_ON_RESUME:
+        if key in saved and saved[key] != getattr(config, key):
             raise ValueError(
                 f"--resume {str(path)!r}: the checkpoint was trained with {key}="
-                f"{saved.get(key)!r}, this run asks for {getattr(config, key)!r}"
+                f"{saved[key]!r}, this run asks for {getattr(config, key)!r}"
             )
-    ignored = ("resume", "output_dir", "data_dir", "workers", "device", "download")
-    changed = [
+    return [
         key
         for key, value in config.as_dict().items()
-        if key in saved and not key.startswith(ignored) and saved[key] != value
+        if key in saved and not key.startswith(_UNTRACKED) and saved[key] != value
     ]
-    if changed:
+
+
+def _report_changes(
+    changed: list[str], saved: dict[str, Any], config: TrainConfig, step: int, lrs: tuple
+) -> None:
+    def describe(keys: list[str]) -> str:
+        return ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in keys)
+
+    schedule = [k for k in changed if k in _SCHEDULE_OPTIONS]
+    ignored = [k for k in changed if k in _IGNORED_ON_RESUME]
+    applied = [k for k in changed if k not in _SCHEDULE_OPTIONS + _IGNORED_ON_RESUME]
+    if schedule:
         logger.warning(
-            "--resume: %s differ from the checkpoint's run; the saved optimizer and schedule "
-            "continue as they were",
-            ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in changed),
+            "--resume: %s changed: the learning-rate schedule is rebuilt for %d epochs from "
+            "step %d, so the learning rate goes from %.4g (the saved run's) to %.4g",
+            describe(schedule),
+            config.epochs,
+            step,
+            *lrs,
         )
+    if ignored:
+        logger.warning(
+            "--resume: %s ignored: the checkpoint's optimizer, random states and weights are "
+            "restored as they were saved",
+            describe(ignored),
+        )
+    if applied:
+        logger.warning("--resume: %s changed: applied from here on", describe(applied))
 
 
 def fit(config: TrainConfig) -> FitResult:
@@ -173,6 +285,7 @@ def fit(config: TrainConfig) -> FitResult:
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
     """
     config.check()
+    _check_output_dir(config)
     info = setup(config.device)
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
@@ -183,6 +296,31 @@ def fit(config: TrainConfig) -> FitResult:
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown()
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    if config.resume == "auto":
+        return find_checkpoint(Path(config.output_dir))
+    return None if config.resume is None else Path(config.resume)
+
+
+def _previous_outputs(output_dir: Path) -> list[str]:
+    return [name for name in _OUTPUTS if (output_dir / name).exists()]
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    """Refuses an --output-dir that is a file, or that holds a run this one would replace."""
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir ({output_dir}) is an existing file; give a folder")
+    resume = _resume_path(config)
+    continues = resume is not None and resume.resolve() == (output_dir / CHECKPOINT_NAME).resolve()
+    previous = [n for n in _previous_outputs(output_dir) if n in (CHECKPOINT_NAME, WEIGHTS_NAME)]
+    if previous and not continues and not config.overwrite:
+        raise ValueError(
+            f"--output-dir ({output_dir}) holds a previous run ({', '.join(previous)}); pass "
+            "--resume auto to continue it, --overwrite to replace it, or another --output-dir"
+        )
 
 
 def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
@@ -226,10 +364,17 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
     if not info.is_main:
         data = load_data(config.data, config.data_dir, config.image_size, config.augment)
 
+    first_readable(data.train, f"the training set of --data {config.data}")
+    sample = data.test[first_readable(data.test, f"the test set of --data {config.data}")][0]
     model = build_model(
-        config.model, data.num_classes, data.in_chans, config.pretrained, **config.model_kwargs
+        config.model,
+        data.num_classes,
+        data.in_chans,
+        config.pretrained,
+        config.reset_classifier,
+        config.model_kwargs,
     )
-    check_num_classes(model, data.test[0][0], data.num_classes, f"--data {config.data}")
+    check_model_fits_data(model, sample, data.num_classes, f"--data {config.data}")
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
@@ -252,20 +397,30 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
 
     start_epoch, step = 0, 0
     history: list[dict[str, float]] = []
-    resume_path = None
-    if config.resume == "auto":
-        resume_path = find_checkpoint(output_dir)
-        if resume_path is None:
-            logger.info("--resume auto: no checkpoint in %s; starting from scratch", output_dir)
-    elif config.resume is not None:
-        resume_path = Path(config.resume)
+    resume_path = _resume_path(config)
+    if config.resume == "auto" and resume_path is None:
+        logger.info("--resume auto: no checkpoint in %s; starting from scratch", output_dir)
     rng_to_restore = None
     if resume_path is not None:
         state = load_checkpoint(resume_path)
-        _check_resumable(state["config"], config, resume_path)
+        changed = _changed_options(state["config"], config, resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        saved_lr = optimizer.param_groups[0]["lr"]
+        if any(key in _SCHEDULE_OPTIONS for key in changed):
+            # The rebuilt schedule sets the learning rate from the first resumed step on.
+            for group, base, factor in zip(
+                optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        _report_changes(
+            changed,
+            state["config"],
+            config,
+            state["step"],
+            (saved_lr, optimizer.param_groups[0]["lr"]),
+        )
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
@@ -290,6 +445,12 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
+    if info.is_main and config.overwrite and resume_path is None:
+        removed = _previous_outputs(output_dir)
+        for name in removed:
+            (output_dir / name).unlink()
+        if removed:
+            logger.warning("--overwrite: deleted the previous run's %s", ", ".join(removed))
     metrics = MetricsLogger(output_dir, config.tensorboard) if info.is_main else None
     checkpoint_path = output_dir / CHECKPOINT_NAME
     skipped: set[int] = set()
@@ -331,7 +492,8 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
                 "train_acc": result.accuracy,
                 "test_loss": final.loss,
                 "test_top1": final.top1,
-                "test_top5": final.top5,
+                # Top-5 only means something with more than 5 classes.
+                **({} if final.top5 is None else {"test_top5": final.top5}),
                 "lr": result.lr,
                 "epoch_seconds": result.seconds,
             }
@@ -385,7 +547,7 @@ def _fit(config: TrainConfig, info: DistInfo) -> FitResult:
     if info.is_main:
         from ..models import save_weights
 
-        save_weights(model, output_dir / "model.safetensors")
+        save_weights(model, output_dir / WEIGHTS_NAME)
         write_json(
             {
                 "model": config.model,

@@ -74,7 +74,7 @@ class MetricsLogger:
         if self._writer is not None:
             row = history[-1]
             for key, value in row.items():
-                if key != "epoch":
+                if key != "epoch" and value is not None:
                     self._writer.add_scalar(key, value, int(row["epoch"]))
             self._writer.flush()
 
