@@ -24,10 +24,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# The operator's CPU table in BENCHMARKS.md; the output heads itself with the machine and command.
+# The operator's CPU tables in BENCHMARKS.md, NCHW then channels-last; each output heads itself
+# with the machine and command.
+BENCH_OP := $(BIN)/involution bench op --device cpu --backends reference torch cpu \
+	--baselines depthwise --passes forward forward+backward
+
 bench: $(STAMP)
-	$(BIN)/involution bench op --device cpu --backends reference torch --baselines depthwise \
-		--passes forward forward+backward
+	$(BENCH_OP)
+	$(BENCH_OP) --channels-last
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py

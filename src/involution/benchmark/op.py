@@ -10,6 +10,9 @@ For one input shape (B, C, H, W) and kernel size K, each candidate runs on rando
 
 Each candidate is measured in three passes: ``forward`` (no autograd), ``backward`` (the gradients
 of the input and of the kernel or weight, from a fixed forward graph) and ``forward+backward``.
+With ``channels_last``, every input is channels-last and the involution kernel pixel-major (the
+layout a channels-last span convolution produces, see ``ops/layout.py``), as in a channels-last
+network; otherwise all are contiguous (NCHW).
 
 The floor of a pass is the time needed just to move the bytes it cannot avoid (each operand and
 result read or written once: input, kernel or weight, output; in backward also the output
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import involution2d
+from ..ops import layout
 from ..ops.dispatch import BACKENDS, choose_backend
 from .memory import peak_memory
 from .timing import measure_time
@@ -138,6 +142,7 @@ def _candidates(
     device: torch.device,
     backends: Sequence[str],
     baselines: Sequence[str],
+    channels_last: bool,
 ) -> list[_Candidate]:
     b, c, h, w = shape.batch, shape.channels, shape.height, shape.width
     k, pad = kernel_size, (kernel_size - 1) // 2
@@ -146,15 +151,29 @@ def _candidates(
         raise ValueError(f"shape ({shape}) is too small for kernel_size {k}")
     out_bytes = b * c * out_h * out_w * torch.empty((), dtype=dtype).element_size()
 
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
     def operands(*shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.randn(s, device=device, dtype=dtype).requires_grad_() for s in shapes)
+        return tuple(
+            torch.randn(s, device=device, dtype=dtype)
+            .contiguous(memory_format=fmt)
+            .requires_grad_()
+            for s in shapes
+        )
+
+    def involution_operands() -> tuple[torch.Tensor, ...]:
+        (x,) = operands((b, c, h, w))
+        kernel = layout.empty_kernel(
+            (b, c // group_channels, k * k, out_h, out_w), x, pixel_major=channels_last
+        )
+        return x, kernel.normal_().requires_grad_()
 
     candidates = []
     for backend in backends:
         candidates.append(
             _Candidate(
                 f"involution[{backend}]",
-                operands((b, c, h, w), (b, c // group_channels, k * k, out_h, out_w)),
+                involution_operands(),
                 lambda x, wk, backend=backend: involution2d(x, wk, k, stride, backend=backend),
                 out_bytes,
             )
@@ -217,6 +236,7 @@ def benchmark_op(
     warmup: int = 2,
     repeats: int = 10,
     bandwidth: float | None = None,
+    channels_last: bool = False,
 ) -> list[dict[str, Any]]:
     """Measures each involution backend and baseline convolution at one shape.
 
@@ -233,6 +253,8 @@ def benchmark_op(
         warmup, repeats: as in :func:`involution.benchmark.measure_time`.
         bandwidth: copy bandwidth in bytes/s (see :func:`copy_bandwidth`); when given, each row
             also has the floor time of the pass and the fraction of it reached.
+        channels_last: channels-last inputs and pixel-major involution kernels instead of
+            contiguous (NCHW) tensors.
 
     Returns:
         One row per candidate and pass: ``shape``, ``op``, ``pass``, ``median_ms``, ``min_ms``,
@@ -267,7 +289,15 @@ def benchmark_op(
     if backends is None:
         backends = available_backends(device, dtype)
     candidates = _candidates(
-        shape, kernel_size, stride, group_channels, dtype, device, backends, baselines
+        shape,
+        kernel_size,
+        stride,
+        group_channels,
+        dtype,
+        device,
+        backends,
+        baselines,
+        channels_last,
     )
     rows: list[dict[str, Any]] = []
     for candidate in candidates:

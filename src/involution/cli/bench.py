@@ -12,8 +12,8 @@ Timing: warm-up calls, then the median of the repeats (perf_counter on the CPU, 
 GPUs). Peak memory: above what was live before the call (CUDA allocator statistics; on the CPU
 the allocations recorded by torch.profiler). Examples:
 
-  involution bench op --device cpu --backends reference torch --baselines depthwise \\
-      --passes forward forward+backward
+  involution bench op --device cpu --backends reference torch cpu --baselines depthwise \\
+      --passes forward forward+backward --channels-last
   involution bench model --models rednet50 resnet50 --batch-size 32 --plot models.png
   involution bench onnx --models rednet26 rednet50 rednet101 resnet50 resnet101 --threads 2
 """
@@ -79,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     op.epilog = (
-        "The CPU table of BENCHMARKS.md (RedNet shapes and the 8x256x56x56 target, K=7, G=C/16, "
-        "float32):\n  involution bench op --device cpu --backends reference torch "
-        "--baselines depthwise --passes forward forward+backward"
+        "The CPU tables of BENCHMARKS.md (RedNet shapes and the 8x256x56x56 target, K=7, G=C/16, "
+        "float32), NCHW and channels-last:\n  involution bench op --device cpu --backends "
+        "reference torch cpu --baselines depthwise --passes forward forward+backward "
+        "[--channels-last]"
     )
     op.formatter_class = argparse.RawDescriptionHelpFormatter
     op.add_argument(
@@ -123,6 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="passes to measure (default: all)",
     )
     op.add_argument("--dtype", choices=_DTYPES, default="float32", help="(default: float32)")
+    op.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last inputs and pixel-major involution kernels (default: NCHW)",
+    )
     op.add_argument(
         "--copy-mib",
         type=int,
@@ -217,6 +223,7 @@ def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict,
         stride=args.stride,
         group_channels=args.group_channels,
         dtype=args.dtype,
+        channels_last=args.channels_last,
     )
     rows = []
     for shape in args.shapes:
@@ -233,6 +240,7 @@ def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict,
             args.warmup,
             args.repeats,
             bandwidth,
+            args.channels_last,
         )
     chart = {
         "value": "median_ms",

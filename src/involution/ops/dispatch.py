@@ -6,6 +6,10 @@ The ``reference`` backend is never chosen automatically: it is the tests' oracle
 chosen automatically for CUDA tensors only; named explicitly, it also runs CPU tensors under
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests run its kernels without a
 GPU. Triton is an optional dependency: it is imported only when the triton backend first runs.
+
+``cpu`` (``ops/cpu/``) is chosen automatically for CPU tensors. Its kernels are compiled with the
+system C++ compiler on first use (cached per machine); where that fails, ``can_run_cpu`` says
+why, one warning is logged, and "auto" falls back to the portable ``torch`` backend.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from types import ModuleType
 import torch
 
 from . import portable
+from .cpu import build as cpu_build
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "torch", "triton")
-AUTO_ORDER = ("triton", "torch")
+BACKENDS = ("reference", "torch", "triton", "cpu")
+AUTO_ORDER = ("triton", "cpu", "torch")
 # Devices on which "auto" may pick a backend; a backend not listed may run anywhere it accepts.
-_AUTO_DEVICES = {"triton": ("cuda",)}
+_AUTO_DEVICES = {"triton": ("cuda",), "cpu": ("cpu",)}
 # Dtypes the Triton kernels load; they accumulate in float32.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Dtypes the CPU kernels take; bfloat16 accumulates in float32.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:
@@ -89,8 +96,36 @@ def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool 
     return True
 
 
-_CAN_RUN = {"reference": can_run_reference, "torch": can_run_torch, "triton": can_run_triton}
+def can_run_cpu(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
+    """The CPU kernels run CPU tensors of ``CPU_DTYPES`` once they are built.
+
+    The first call builds (or loads from the cache) the kernels; a build that fails makes this
+    return False, with the compiler's reason.
+    """
+    if input.device.type != "cpu":
+        return _refuse(f"cpu: input is on {input.device.type}", raise_error)
+    if input.dtype not in CPU_DTYPES:
+        return _refuse(
+            f"cpu: input dtype {input.dtype} is not supported (expected one of "
+            f"{', '.join(str(d) for d in CPU_DTYPES)})",
+            raise_error,
+        )
+    try:
+        cpu_build.library()
+    except cpu_build.BuildError as error:
+        return _refuse(f"cpu: could not be built: {error}", raise_error)
+    return True
+
+
+_CAN_RUN = {
+    "reference": can_run_reference,
+    "torch": can_run_torch,
+    "triton": can_run_triton,
+    "cpu": can_run_cpu,
+}
 _IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": portable}
+# Imported on first use: Triton is optional, and the CPU backend needs nothing until it runs.
+_LAZY = {"triton": ".triton.launch", "cpu": ".cpu.launch"}
 
 
 def _auto_candidate(name: str, input: torch.Tensor, kernel: torch.Tensor) -> bool:
@@ -131,9 +166,10 @@ def has_fused_passes(backend: str) -> bool:
 def implementation(backend: str) -> ModuleType:
     """The module holding ``forward``, ``grad_input`` and ``grad_kernel`` of a backend.
 
-    The Triton backend is imported on first use, so that the package imports without Triton and
-    ``TRITON_INTERPRET`` is read when the kernels are compiled, not when the package loads.
+    The Triton and CPU backends are imported on first use, so that the package imports without
+    Triton and ``TRITON_INTERPRET`` is read when the kernels are compiled, not when the package
+    loads.
     """
-    if backend not in _IMPLEMENTATIONS and backend == "triton":
-        _IMPLEMENTATIONS["triton"] = importlib.import_module(".triton.launch", __package__)
+    if backend not in _IMPLEMENTATIONS and backend in _LAZY:
+        _IMPLEMENTATIONS[backend] = importlib.import_module(_LAZY[backend], __package__)
     return _IMPLEMENTATIONS[backend]

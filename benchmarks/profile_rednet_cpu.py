@@ -1,0 +1,98 @@
+"""Where one CPU training step of RedNet-26 (the demo's model) spends its time.
+
+Profiles forward, loss, backward and an SGD step of ``rednet26_cifar`` at the demo's settings
+(batch 32, 1x32x32 inputs, base width 16) and splits the step's wall time into the involution
+aggregation (the ``involution::`` ops and their backward), the span convolution that writes the
+G*K^2-channel kernel map (found by its weight's shape), and the rest. ResNet-26's step is timed
+beside it, for the ratio the issue asks for.
+
+Usage:
+    PYTHONPATH=src python benchmarks/profile_rednet_cpu.py [--steps 5] [--backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from involution import create_model
+from involution.nn import _InvolutionNd
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _median_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, opt, x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _step(model, opt, x, y)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    spans = {m.span.out_channels for m in model.modules() if isinstance(m, _InvolutionNd)}
+
+    def kind(event) -> str | None:
+        if event.name.startswith("involution::") and "fused" not in event.name:
+            return "aggregation"
+        if "convolution" in event.name or event.name == "aten::conv2d":
+            for shape in event.input_shapes:
+                if len(shape) == 4 and shape[0] in spans and shape[2:] == [1, 1]:
+                    return "span conv"
+        return None
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, opt, x, y)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        start = time.perf_counter()
+        _step(model, opt, x, y)
+        total = (time.perf_counter() - start) * 1e6
+    found = {"span conv": 0.0, "aggregation": 0.0}
+    for event in prof.events():
+        k = kind(event)
+        parent, outer = event.cpu_parent, True
+        while parent is not None:
+            outer = outer and kind(parent) is None
+            parent = parent.cpu_parent
+        if k is not None and outer:
+            found[k] += event.cpu_time_total
+    found["rest"] = total - sum(found.values())
+    return {name: us / total for name, us in found.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    parser.add_argument("--backend", default="auto", help="involution backend (default auto)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 32, 32)
+    y = torch.randint(0, 10, (32,))
+    kwargs = {"num_classes": 10, "in_chans": 1, "base_width": 16}
+    rednet = create_model("rednet26_cifar", **kwargs)
+    for m in rednet.modules():
+        if isinstance(m, _InvolutionNd):
+            m.backend = args.backend
+    resnet = create_model("resnet26_cifar", **kwargs)
+    red_ms = _median_ms(rednet, x, y, args.steps)
+    res_ms = _median_ms(resnet, x, y, args.steps)
+    print(f"threads: {torch.get_num_threads()}  backend: {args.backend}")
+    print(f"rednet26_cifar step: {red_ms:.1f} ms  resnet26_cifar step: {res_ms:.1f} ms")
+    print(f"ratio rednet/resnet: {red_ms / res_ms:.2f}")
+    for name, share in _shares(rednet, x, y).items():
+        print(f"rednet26 {name}: {share * 100:.0f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Compiles ``kernels.cpp`` on first use and loads it with ctypes.
+
+The kernels are built for the machine they run on (``-march=native``) by the system C++
+compiler (``$CXX``, default ``c++``). The source includes no torch header and needs no C++
+runtime, so a build takes a few seconds and does not depend on how torch was built. The shared
+library is cached in ``$XDG_CACHE_HOME/involution`` (default ``~/.cache/involution``) under a
+name that hashes the source, the flags, the compiler's name and the CPU: a new source, compiler
+or machine gets its own build, and later processes load the cached file in milliseconds (without
+needing the compiler).
+
+Why not a torch C++ extension: compiling against torch's headers takes about a minute on two
+cores and needs ninja, and torch as a build requirement would make pip's isolated build fetch a
+second (CUDA) torch. Why not inductor-generated kernels: see BENCHMARKS.md (CPU section).
+
+When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; the
+first failure is logged as one warning, and dispatch falls back to the portable backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "kernels.cpp"
+FLAGS = (
+    "-O3",
+    "-march=native",
+    # Fused multiply-adds: GCC contracts by default only in its GNU modes; stated for any compiler.
+    "-ffp-contract=fast",
+    "-std=gnu++17",
+    "-fno-exceptions",
+    "-fno-rtti",
+    "-fPIC",
+    "-shared",
+    # GCC notes that 64-byte vector arguments changed ABI in GCC 4.6: internal functions only.
+    "-Wno-psabi",
+)
+ENTRY_POINTS = ("involution_forward", "involution_grad_input", "involution_grad_kernel")
+# A build that has not finished by then has failed: the first call must not hang.
+_BUILD_TIMEOUT_S = 120
+
+
+class BuildError(RuntimeError):
+    """The CPU kernels could not be compiled or loaded; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$XDG_CACHE_HOME/involution`` or ``~/.cache/involution``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "involution"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags, where Linux says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX") or "c++")
+
+
+def _target(source: bytes, compiler: list[str]) -> Path:
+    key = hashlib.sha256()
+    for part in (source, " ".join(FLAGS).encode(), shlex.join(compiler).encode()):
+        key.update(part + b"\0")
+    key.update(_cpu_identity().encode())
+    return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Holds a lock file, so that processes starting together build once (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent builds each write their own file; one rename wins
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(compiler: list[str], source: Path, target: Path) -> None:
+    """Builds ``target`` through a temporary file and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=target.stem + ".", dir=target.parent)
+    os.close(fd)
+    command = [*compiler, *FLAGS, str(source), "-o", tmp]
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
+        )
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            first_error = next((line for line in lines if "error" in line), lines[0])
+            raise BuildError(
+                f"{shlex.join(command)} exited with {result.returncode}: {first_error}"
+            )
+        os.replace(tmp, target)
+    except subprocess.TimeoutExpired as error:
+        raise BuildError(f"{compiler[0]} took longer than {_BUILD_TIMEOUT_S} s") from error
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name in ENTRY_POINTS:
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _build_and_load() -> ctypes.CDLL:
+    compiler = _compiler()
+    with resources.as_file(resources.files(__package__) / SOURCE) as source:
+        target = _target(source.read_bytes(), compiler)
+        if not target.exists():
+            if not compiler or shutil.which(compiler[0]) is None:
+                name = compiler[0] if compiler else ""
+                raise BuildError(f"C++ compiler {name!r} not found (set CXX to one)")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with _exclusive(target.with_suffix(".lock")):
+                    if not target.exists():
+                        start = time.perf_counter()
+                        _compile(compiler, source, target)
+                        logger.info(
+                            "involution: built the CPU kernels in %.1f s: %s",
+                            time.perf_counter() - start,
+                            target,
+                        )
+            except OSError as error:
+                raise BuildError(f"cannot build in {target.parent}: {error}") from error
+    try:
+        return _load(target)
+    except (OSError, AttributeError) as error:
+        raise BuildError(f"cannot load {target}: {error}") from error
+
+
+_loaded: ctypes.CDLL | BuildError | None = None
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels; the first call builds them, or loads them from the cache.
+
+    The outcome is kept for the process: a failure is logged once and raised again on later
+    calls without another attempt.
+
+    Raises:
+        BuildError: no compiler, a failed compilation, or a library that does not load.
+    """
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                try:
+                    _loaded = _build_and_load()
+                except BuildError as error:
+                    logger.warning(
+                        "involution: CPU kernels unavailable, using the portable backend: %s",
+                        error,
+                    )
+                    _loaded = error
+    if isinstance(_loaded, BuildError):
+        raise _loaded
+    return _loaded

@@ -1,0 +1,657 @@
+// Involution on the CPU (Li et al., CVPR 2021, Eq. 4): forward, input gradient, kernel gradient.
+//
+// Compiled on first use by build.py with the system C++ compiler (-O3 -march=native) and called
+// through ctypes. It includes no torch header and needs no C++ runtime (no exceptions, no new):
+// the library depends on libc alone, builds in seconds and is vectorized for the CPU it runs on
+// through GCC's generic vector types (8 lanes: one AVX2 register of float32, half an AVX-512
+// one, two SSE ones; the compiler maps them to whatever -march=native offers).
+//
+// Shapes. Geometry is 3D; 1D and 2D problems arrive with leading spatial sizes of 1. Tensors
+// come as a base pointer and element strides, in any layout:
+//   features (input, output and their gradients): (B, C, D, H, W)
+//   kernels and kernel gradients:                 (B, G, T, D, H, W), T = KD * KH * KW taps,
+//                                                 tap t = (kd * KH + kh) * KW + kw.
+//
+// Blocked layout inside. The operand read at every tap (the input; grad_out in grad_input) is
+// copied row by row into a small per-thread cache (RowCache): per group, channels innermost,
+// zero-padded, in the accumulation type. A row is copied once and then read by all the K rows
+// of results that need it, from L1/L2. The copy is what makes every layout fast: a
+// channels-last tensor is copied as contiguous runs, an NCHW one is transposed on the way, and
+// the zero padding removes all bounds checks from the inner loops. (Reading channels-last
+// tensors in place was several times slower: with 2^n channels, the pixels of a group lie
+// 2^n * 4 bytes apart and fall into a few L1 sets.)
+//
+// Inner loops. Each output pixel of a group is K^n broadcast multiply-adds of the group's
+// channel vectors (16 float32 channels: two 8-lane vectors). Several pixels are computed at
+// once so that their accumulators form independent chains of fused multiply-adds.
+//
+// Work split. Each entry point computes the rows [row_begin, row_end) of its result, a row being
+// one (b, d, h) line of the output (forward, grad_kernel) or of the input (grad_input); the
+// caller hands disjoint row ranges to its threads. Every result element is computed by one
+// thread in a fixed order, so results are deterministic and do not depend on the thread count.
+// grad_input is a gather over the taps that reach each input pixel: no atomics, no races.
+//
+// Padding follows the reference (an explicitly zero-padded input): a tap in the padding adds
+// kernel * 0, so an infinite kernel value there gives NaN, as in the reference.
+//
+// Dtypes: float32, float64, and bfloat16 with float32 accumulation (one rounding at the end).
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+struct bf16 {
+  uint16_t bits;
+};
+
+// Accumulation scalar and 8-lane vector of each storage type.
+template <class T> struct Acc;
+template <> struct Acc<float> { typedef float S; typedef f32x8 V; };
+template <> struct Acc<double> { typedef double S; typedef f64x8 V; };
+template <> struct Acc<bf16> { typedef float S; typedef f32x8 V; };
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(bf16 v) {
+  uint32_t u = (uint32_t)v.bits << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// float32 -> bfloat16 rounds to nearest even; a NaN stays a (quiet) NaN, as in PyTorch.
+inline void narrow(float a, float* p) { *p = a; }
+inline void narrow(double a, double* p) { *p = a; }
+inline void narrow(float a, bf16* p) {
+  uint32_t u;
+  memcpy(&u, &a, sizeof u);
+  p->bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0
+                                             : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f64x8 load8(const double* p) {
+  f64x8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x8 load8(const bf16* p) {
+  u16x8 h;
+  memcpy(&h, p, sizeof h);
+  u32x8 u = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) { memcpy(p, &v, sizeof v); }
+inline void store8(double* p, f64x8 v) { memcpy(p, &v, sizeof v); }
+inline void store8(bf16* p, f32x8 v) {
+  u32x8 u;
+  memcpy(&u, &v, sizeof u);
+  u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  rounded = ((u & 0x7fffffffu) > 0x7f800000u) ? (u32x8){} + 0x7fc0u : rounded;
+  u16x8 h = __builtin_convertvector(rounded, u16x8);
+  memcpy(p, &h, sizeof h);
+}
+
+// 8 lanes to p, p + step, ...: one vector store when they are contiguous.
+template <class T>
+inline void store8(T* p, int64_t step, typename Acc<T>::V v) {
+  if (step == 1) {
+    store8(p, v);
+    return;
+  }
+  for (int j = 0; j < 8; ++j) narrow(v[j], p + j * step);
+}
+
+// r[j] = sum of the lanes of p[j]: three rounds of pairwise sums of shuffled vectors (within
+// 128-bit halves, then across them) instead of eight separate horizontal sums.
+template <class V>
+inline V sum_lanes8(const V* p) {
+  V h[4], q[2];
+  for (int i = 0; i < 4; ++i) {
+    V a = p[2 * i], b = p[2 * i + 1];
+    h[i] = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    V a = h[2 * i], b = h[2 * i + 1];
+    q[i] = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  }
+  return __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// A block of channels held in registers: LANES = 8 (vectors) or 1 (a scalar), of type S.
+template <class S, int LANES> struct Lanes;
+template <class S> struct Lanes<S, 8> {
+  typedef typename Acc<S>::V V;
+  static V load(const S* p) { return load8(p); }
+  template <class T> static void store(T* p, int64_t step, V v) { store8(p, step, v); }
+};
+template <class S> struct Lanes<S, 1> {
+  typedef S V;
+  static V load(const S* p) { return *p; }
+  template <class T> static void store(T* p, int64_t, V v) { narrow(v, p); }
+};
+
+// Pixels computed together: independent accumulator chains hide the FMA latency. float64
+// vectors take twice the registers, so half as many.
+template <class S> constexpr int pixels() { return sizeof(S) == 8 ? 2 : 4; }
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+}  // namespace
+
+extern "C" {
+
+// 42 eight-byte fields, filled by launch._problem.
+struct Problem {
+  const void* a;  // forward, grad_kernel: input; grad_input: grad_out
+  const void* b;  // forward, grad_input: kernel; grad_kernel: grad_out
+  void* out;      // output, grad_input or grad_kernel
+  // (B, C, D, H, W, -) strides of features, (B, G, T, D, H, W) of kernels
+  int64_t a_stride[6];
+  int64_t b_stride[6];
+  int64_t out_stride[6];
+  int64_t batch, channels, groups;
+  int64_t in_size[3], out_size[3];
+  int64_t kernel_size[3], stride[3], padding[3], dilation[3];
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Geometry {
+  int64_t G, cg;
+  int64_t ID, IH, IW, OD, OH, OW;
+  int64_t KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW;
+  explicit Geometry(const Problem& p)
+      : G(p.groups), cg(p.channels / p.groups),
+        ID(p.in_size[0]), IH(p.in_size[1]), IW(p.in_size[2]),
+        OD(p.out_size[0]), OH(p.out_size[1]), OW(p.out_size[2]),
+        KD(p.kernel_size[0]), KH(p.kernel_size[1]), KW(p.kernel_size[2]),
+        SD(p.stride[0]), SH(p.stride[1]), SW(p.stride[2]),
+        PD(p.padding[0]), PH(p.padding[1]), PW(p.padding[2]),
+        DD(p.dilation[0]), DH(p.dilation[1]), DW(p.dilation[2]) {}
+};
+
+// Copies n pixels of cg channels, src[i * sp + c * sc], to dst[i * cg + c] as S.
+template <class S, class T>
+inline void pack_pixels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t cg, S* dst) {
+  if (sc == 1 && cg % 8 == 0) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < cg; c += 8) store8(dst + i * cg + c, load8(src + i * sp + c));
+  } else if (sc == 1 && cg >= 4 && cg < 8 && sp + cg >= 8) {
+    // A few contiguous values per pixel (a kernel row of 4 to 7 taps): one 8-lane copy each.
+    // It reads past the pixel into the next one (never past the last pixel) and writes into
+    // the next pixel's place, which that pixel's copy then overwrites; the last pixel is
+    // copied one by one.
+    for (int64_t i = 0; i + 1 < n; ++i) store8(dst + i * cg, load8(src + i * sp));
+    for (int64_t c = 0; c < cg && n > 0; ++c) dst[(n - 1) * cg + c] = widen(src[(n - 1) * sp + c]);
+  } else if (sc == 1) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < cg; ++c) dst[i * cg + c] = widen(src[i * sp + c]);
+  } else {  // channels apart (NCHW): read along the row, write across
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t i = 0; i < n; ++i) dst[i * cg + c] = widen(src[i * sp + c * sc]);
+  }
+}
+
+// Rows of one (B, C, D, H, W) operand in the blocked layout, each copied once. Per group, a ring
+// of nd * nh slots, each `width` columns from column col0 (zeros outside the tensor) of cg
+// channels, in the accumulation type. Row (d, h) lives in slot (d mod nd, h mod nh): the rows
+// one row of results reads (at most nd consecutive d and nh consecutive h) never evict each
+// other, and the next rows of results find most of them already there.
+template <class S, class T>
+class RowCache {
+ public:
+  RowCache(const T* src, const int64_t* st, int64_t G, int64_t D, int64_t H, int64_t W,
+           int64_t cg, int64_t col0, int64_t width, int64_t nd, int64_t nh)
+      : src_(src), st_(st), D_(D), H_(H), W_(W), cg_(cg), col0_(col0), width_(width), nd_(nd),
+        nh_(nh), slots_(G * nd * nh) {
+    data_ = (S*)malloc(sizeof(S) * (slots_ + 1) * width * cg);
+    tag_ = (int64_t*)malloc(sizeof(int64_t) * slots_);
+    if (!ok()) return;
+    memset(zeros(), 0, sizeof(S) * width * cg);
+    for (int64_t i = 0; i < slots_; ++i) tag_[i] = -1;
+  }
+  RowCache(const RowCache&) = delete;
+  RowCache& operator=(const RowCache&) = delete;
+  ~RowCache() {
+    free(data_);
+    free(tag_);
+  }
+  bool ok() const { return data_ && tag_; }
+  S* zeros() const { return data_ + slots_ * width_ * cg_; }
+
+  // Row (b, d, h) of group gi: copied on first use; the zero row outside the tensor.
+  const S* row(int64_t gi, int64_t b, int64_t d, int64_t h) {
+    if (d < 0 || d >= D_ || h < 0 || h >= H_) return zeros();
+    const int64_t slot = (gi * nd_ + d % nd_) * nh_ + h % nh_, key = (b * D_ + d) * H_ + h;
+    S* dst = data_ + slot * width_ * cg_;
+    if (tag_[slot] == key) return dst;
+    tag_[slot] = key;
+    const int64_t lo = clamp(-col0_, 0, width_), hi = clamp(W_ - col0_, lo, width_);
+    memset(dst, 0, sizeof(S) * lo * cg_);
+    memset(dst + hi * cg_, 0, sizeof(S) * (width_ - hi) * cg_);
+    const T* from = src_ + b * st_[0] + gi * cg_ * st_[1] + d * st_[2] + h * st_[3] +
+                    (col0_ + lo) * st_[4];
+    pack_pixels(from, st_[4], st_[1], hi - lo, cg_, dst + lo * cg_);
+    return dst;
+  }
+
+ private:
+  const T* src_;
+  const int64_t* st_;
+  int64_t D_, H_, W_, cg_, col0_, width_, nd_, nh_, slots_;
+  S* data_;
+  int64_t* tag_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// forward: out[b, c, o] = sum_t kernel[b, g(c), t, o] * input[b, c, o * s - p + tap_t * d]
+
+// P output pixels, one block of LANES * NV channels. rows[r] + xo: the cached input row of tap
+// row r (r = kd * KH + kh) at the first pixel's tap kw = 0, in the block's first channel; xp:
+// step between the pixels, xw: step between taps. k[ko]: the first pixel's kernel at tap 0, kt
+// its tap stride, kp the step between pixels. out: the first pixel's block; op: step between
+// pixels; oc: channel stride.
+template <class S, class T, int LANES, int NV, int P>
+inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64_t xp,
+                          int64_t xw, int64_t KW, const T* k, int64_t ko, int64_t kt, int64_t kp,
+                          T* out, int64_t op, int64_t oc) {
+  typedef Lanes<S, LANES> L;
+  typename L::V acc[P][NV];
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = typename L::V{};
+  for (int64_t r = 0; r < nrows; ++r) {
+    const S* xr = rows[r] + xo;
+    const T* kr = k + ko + r * KW * kt;
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      for (int j = 0; j < P; ++j) {
+        const S w = widen(kr[kw * kt + j * kp]);
+        const S* xq = xr + kw * xw + j * xp;
+        for (int v = 0; v < NV; ++v) acc[j][v] += w * L::load(xq + v * LANES);
+      }
+    }
+  }
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
+}
+
+// The channel blocks of one group: 16 channels at a time, then 8, then one by one.
+template <class S, class T, int P>
+inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int64_t xp,
+                           int64_t xw, int64_t KW, int64_t cg, const T* k, int64_t ko,
+                           int64_t kt, int64_t kp, T* out, int64_t op, int64_t oc) {
+  int64_t c = 0;
+  for (; c + 16 <= cg; c += 16)
+    forward_block<S, T, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
+                                 op, oc);
+  if (c + 8 <= cg) {
+    forward_block<S, T, 8, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
+                                 op, oc);
+    c += 8;
+  }
+  for (; c < cg; ++c)
+    forward_block<S, T, 1, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
+                                 op, oc);
+}
+
+// Calls unit(row, gi) for every row in [row_begin, row_end) and every group gi. Rows outside,
+// groups inside: a group-outside order kept one group's cached rows in L1, yet ran 20-30%
+// slower (the kernel's and output's lines are shared between neighbouring groups).
+template <class F>
+inline void for_each_unit(int64_t row_begin, int64_t row_end, int64_t G, F unit) {
+  for (int64_t row = row_begin; row < row_end; ++row)
+    for (int64_t gi = 0; gi < G; ++gi) unit(row, gi);
+}
+
+// The input cache of forward and grad_kernel: input columns -PW ... read by the output row.
+template <class S, class T>
+RowCache<S, T> input_cache(const T* x, const int64_t* xs, const Geometry& g) {
+  return RowCache<S, T>(x, xs, g.G, g.ID, g.IH, g.IW, g.cg, -g.PW,
+                        (g.OW - 1) * g.SW + (g.KW - 1) * g.DW + 1, (g.KD - 1) * g.DD + 1,
+                        (g.KH - 1) * g.DH + 1);
+}
+
+// The cached input rows read by output row (b, od, oh) of group gi, one per tap row.
+template <class S, class T>
+void input_rows(RowCache<S, T>& cache, const Geometry& g, int64_t gi, int64_t b, int64_t od,
+                int64_t oh, const S** rows) {
+  for (int64_t kd = 0; kd < g.KD; ++kd)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      rows[kd * g.KH + kh] =
+          cache.row(gi, b, od * g.SD - g.PD + kd * g.DD, oh * g.SH - g.PH + kh * g.DH);
+}
+
+template <class T>
+int forward(const Problem& p, int64_t row_begin, int64_t row_end) {
+  typedef typename Acc<T>::S S;
+  constexpr int P = pixels<S>();
+  const Geometry g(p);
+  const T* k = (const T*)p.b;
+  const int64_t *ks = p.b_stride, *os = p.out_stride;
+  RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
+  const int64_t nrows = g.KD * g.KH;
+  const S** rows = (const S**)malloc(sizeof(S*) * nrows);
+  if (!cache.ok() || !rows) {
+    free(rows);
+    return -1;
+  }
+  const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg;
+  for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
+    const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
+    const int64_t ko = b * ks[0] + gi * ks[1] + od * ks[3] + oh * ks[4];
+    input_rows(cache, g, gi, b, od, oh, rows);
+    T* o = (T*)p.out + b * os[0] + od * os[2] + oh * os[3] + gi * g.cg * os[1];
+    int64_t ow = 0;
+    for (; ow + P <= g.OW; ow += P)
+      forward_pixels<S, T, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ko + ow * ks[5],
+                              ks[2], ks[5], o + ow * os[4], os[4], os[1]);
+    for (; ow < g.OW; ++ow)
+      forward_pixels<S, T, 1>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ko + ow * ks[5],
+                              ks[2], ks[5], o + ow * os[4], os[4], os[1]);
+  });
+  free(rows);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_kernel[b, g, t, o] = sum_{c in g} grad_out[b, c, o] * input[b, c, o * s - p + tap_t * d]
+
+// The kernel gradient of one output pixel and group, over all taps. tap[t] + xo: the cached
+// input of tap t for this pixel (the taps are padded to a multiple of 8 with the zero row).
+// gl: the pixel's grad_out, cg channels. Each tap's dot product is a vector of partial sums;
+// eight taps' vectors are folded at once (sum_lanes8). NV > 0: cg = 8 * NV, and the pixel's
+// grad_out stays in registers; NV = 0: any cg.
+template <class S, class T, int NV>
+inline void grad_kernel_pixel(const S* const* tap, int64_t xo, int64_t taps, int64_t cg,
+                              const S* gl, T* out, int64_t ot) {
+  typedef typename Acc<S>::V V;
+  V gv[NV > 0 ? NV : 1];
+  for (int v = 0; v < NV; ++v) gv[v] = load8(gl + 8 * v);
+  for (int64_t t0 = 0; t0 < taps; t0 += 8) {
+    V part[8];
+    if (NV > 0) {
+      for (int j = 0; j < 8; ++j) {
+        const S* x = tap[t0 + j] + xo;
+        part[j] = gv[0] * load8(x);
+        for (int v = 1; v < NV; ++v) part[j] += gv[v] * load8(x + 8 * v);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) part[j] = V{};
+      int64_t c = 0;
+      for (; c + 8 <= cg; c += 8) {
+        const V g8 = load8(gl + c);
+        for (int j = 0; j < 8; ++j) part[j] += g8 * load8(tap[t0 + j] + xo + c);
+      }
+      for (; c < cg; ++c)
+        for (int j = 0; j < 8; ++j) part[j][0] += gl[c] * tap[t0 + j][xo + c];
+    }
+    const V folded = sum_lanes8(part);
+    if (ot == 1 && t0 + 8 <= taps) {
+      store8(out + t0, folded);
+    } else {
+      for (int j = 0; j < 8 && t0 + j < taps; ++j) narrow(folded[j], out + (t0 + j) * ot);
+    }
+  }
+}
+
+template <class T>
+int grad_kernel(const Problem& p, int64_t row_begin, int64_t row_end) {
+  typedef typename Acc<T>::S S;
+  const Geometry g(p);
+  const T* go = (const T*)p.b;
+  const int64_t *gs = p.b_stride, *os = p.out_stride;
+  RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
+  const int64_t nrows = g.KD * g.KH, taps = nrows * g.KW, padded = (taps + 7) / 8 * 8;
+  const S** rows = (const S**)malloc(sizeof(S*) * (nrows + padded));
+  S* gl = (S*)malloc(sizeof(S) * g.cg);
+  if (!cache.ok() || !rows || !gl) {
+    free(rows);
+    free(gl);
+    return -1;
+  }
+  const S** tap = rows + nrows;
+  for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
+  const int64_t xp = g.SW * g.cg;
+  for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
+    const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
+    const T* g_row = go + b * gs[0] + od * gs[2] + oh * gs[3] + gi * g.cg * gs[1];
+    T* o_row = (T*)p.out + b * os[0] + od * os[3] + oh * os[4] + gi * os[1];
+    input_rows(cache, g, gi, b, od, oh, rows);
+    for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
+      T* o = o_row + ow * os[5];
+      if (g.cg == 16) {
+        grad_kernel_pixel<S, T, 2>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
+      } else if (g.cg == 8) {
+        grad_kernel_pixel<S, T, 1>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
+      } else {
+        grad_kernel_pixel<S, T, 0>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
+      }
+    }
+  });
+  free(rows);
+  free(gl);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_input[b, c, i] = sum over (t, o) with i = o * s - p + tap_t * d of
+//                       kernel[b, g(c), t, o] * grad_out[b, c, o]
+//
+// For one input row and group, the grad_out rows that reach it come from a RowCache (output
+// columns o_lo + m, zero outside the output), and the kernel values of those rows are copied to
+// kbuf[r][m][kw] (zero outside the output). The input columns i = rho + q * SW of one residue
+// rho < SW are reached by the same taps, an arithmetic progression kw = kw0 + n * (SW / gcd),
+// from buffer columns m = q + m0 - n * (DW / gcd), gcd = gcd(SW, DW).
+
+struct Reach {  // the taps reaching the first column of a residue, as buffer offsets
+  int64_t n;            // how many
+  int64_t k0, kstep;    // offset of the first in a kbuf row; step to the next
+  int64_t g0, gstep;    // the same in a cached grad_out row
+};
+
+// P input columns of one residue (SW apart), one block of LANES * NV channels starting at c.
+template <class S, class T, int LANES, int NV, int P>
+inline void grad_input_block(const S* const* grows, const S* kbuf, int64_t nrows, int64_t krow,
+                             int64_t cg, int64_t KW, const Reach& re, int64_t c, T* out,
+                             int64_t op, int64_t oc) {
+  typedef Lanes<S, LANES> L;
+  typename L::V acc[P][NV];
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = typename L::V{};
+  for (int64_t r = 0; r < nrows; ++r) {
+    const S* kq = kbuf + r * krow + re.k0;
+    const S* gq = grows[r] + re.g0 + c;
+    for (int64_t n = 0; n < re.n; ++n, kq += re.kstep, gq += re.gstep) {
+      for (int j = 0; j < P; ++j) {
+        const S w = kq[j * KW];
+        for (int v = 0; v < NV; ++v) acc[j][v] += w * L::load(gq + j * cg + v * LANES);
+      }
+    }
+  }
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
+}
+
+template <class S, class T, int P>
+inline void grad_input_pixels(const S* const* grows, const S* kbuf, int64_t nrows, int64_t krow,
+                              int64_t cg, int64_t KW, const Reach& re, T* out, int64_t op,
+                              int64_t oc) {
+  int64_t c = 0;
+  for (; c + 16 <= cg; c += 16)
+    grad_input_block<S, T, 8, 2, P>(grows, kbuf, nrows, krow, cg, KW, re, c, out + c * oc, op,
+                                    oc);
+  if (c + 8 <= cg) {
+    grad_input_block<S, T, 8, 1, P>(grows, kbuf, nrows, krow, cg, KW, re, c, out + c * oc, op,
+                                    oc);
+    c += 8;
+  }
+  for (; c < cg; ++c)
+    grad_input_block<S, T, 1, 1, P>(grows, kbuf, nrows, krow, cg, KW, re, c, out + c * oc, op,
+                                    oc);
+}
+
+inline int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
+
+// Taps k of one dimension reaching input index i (i = o * s - p + k * d, 0 <= o < out_size).
+inline int64_t taps_reaching(int64_t i, int64_t out_size, int64_t k, int64_t s, int64_t p,
+                             int64_t d, int64_t* taps, int64_t* outs) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t num = i + p - t * d;
+    if (num < 0) break;  // more negative with every t
+    if (num % s == 0 && num / s < out_size) {
+      taps[n] = t;
+      outs[n] = num / s;
+      ++n;
+    }
+  }
+  return n;
+}
+
+template <class T>
+int grad_input(const Problem& p, int64_t row_begin, int64_t row_end) {
+  typedef typename Acc<T>::S S;
+  constexpr int P = pixels<S>();
+  const Geometry g(p);
+  const T* k = (const T*)p.b;
+  const int64_t *ks = p.b_stride, *os = p.out_stride;
+  // Output columns o_lo + m, m < width, cover every tap of every input column.
+  const int64_t o_lo = floor_div(g.PW - (g.KW - 1) * g.DW, g.SW);
+  const int64_t width = floor_div(g.IW - 1 + g.PW, g.SW) - o_lo + 1;
+  const int64_t m_lo = clamp(-o_lo, 0, width), m_hi = clamp(g.OW - o_lo, m_lo, width);
+  RowCache<S, T> cache((const T*)p.a, p.a_stride, g.G, g.OD, g.OH, g.OW, g.cg, o_lo, width,
+                       (g.KD - 1) * g.DD / g.SD + 1, (g.KH - 1) * g.DH / g.SH + 1);
+  const int64_t max_rows = g.KD * g.KH;
+  S* kbuf = (S*)malloc(sizeof(S) * max_rows * width * g.KW);
+  const S** grows = (const S**)malloc(sizeof(S*) * max_rows);
+  int64_t* table = (int64_t*)malloc(sizeof(int64_t) * 2 * (g.KD + g.KH));
+  Reach* reach = (Reach*)malloc(sizeof(Reach) * g.SW);
+  if (!cache.ok() || !kbuf || !grows || !table || !reach) {
+    free(kbuf);
+    free(grows);
+    free(table);
+    free(reach);
+    return -1;
+  }
+  int64_t *d_tap = table, *d_out = d_tap + g.KD, *h_tap = d_out + g.KD, *h_out = h_tap + g.KH;
+  // The taps of each residue rho: kw with (rho + PW - kw * DW) = o * SW for an output column o.
+  const int64_t e = g.SW / gcd(g.SW, g.DW), mstep = -(g.DW / gcd(g.SW, g.DW));
+  for (int64_t rho = 0; rho < g.SW; ++rho) {
+    Reach& re = reach[rho];
+    re.n = 0;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t num = rho + g.PW - kw * g.DW;
+      if (num % g.SW == 0) {
+        const int64_t m0 = num / g.SW - o_lo;
+        re.n = (g.KW - 1 - kw) / e + 1;
+        re.k0 = m0 * g.KW + kw, re.kstep = mstep * g.KW + e;
+        re.g0 = m0 * g.cg, re.gstep = mstep * g.cg;
+        break;
+      }
+    }
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t ih = row % g.IH, id = row / g.IH % g.ID, b = row / g.IH / g.ID;
+    const int64_t nd = taps_reaching(id, g.OD, g.KD, g.SD, g.PD, g.DD, d_tap, d_out);
+    const int64_t nh = taps_reaching(ih, g.OH, g.KH, g.SH, g.PH, g.DH, h_tap, h_out);
+    const int64_t nrows = nd * nh;
+    T* o_row = (T*)p.out + b * os[0] + id * os[2] + ih * os[3];
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t a = 0; a < nd; ++a) {
+        for (int64_t f = 0; f < nh; ++f) {
+          const int64_t r = a * nh + f;
+          grows[r] = cache.row(gi, b, d_out[a], h_out[f]);
+          S* kr = kbuf + r * width * g.KW;
+          memset(kr, 0, sizeof(S) * m_lo * g.KW);
+          memset(kr + m_hi * g.KW, 0, sizeof(S) * (width - m_hi) * g.KW);
+          const T* from = k + b * ks[0] + gi * ks[1] +
+                          (d_tap[a] * g.KH + h_tap[f]) * g.KW * ks[2] + d_out[a] * ks[3] +
+                          h_out[f] * ks[4] + (o_lo + m_lo) * ks[5];
+          pack_pixels(from, ks[5], ks[2], m_hi - m_lo, g.KW, kr + m_lo * g.KW);
+        }
+      }
+      T* o_g = o_row + gi * g.cg * os[1];
+      const int64_t op = g.SW * os[4];
+      for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
+        const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
+        T* o = o_g + rho * os[4];
+        Reach re = reach[rho];
+        // Column q + P of a residue reads P buffer columns further than column q.
+        int64_t q = 0;
+        for (; q + P <= count; q += P, re.k0 += P * g.KW, re.g0 += P * g.cg, o += P * op)
+          grad_input_pixels<S, T, P>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
+                                     os[1]);
+        for (; q < count; ++q, re.k0 += g.KW, re.g0 += g.cg, o += op)
+          grad_input_pixels<S, T, 1>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
+                                     os[1]);
+      }
+    }
+  }
+  free(reach);
+  free(kbuf);
+  free(grows);
+  free(table);
+  return 0;
+}
+
+template <class T> struct Forward {
+  static int run(const Problem& p, int64_t a, int64_t b) { return forward<T>(p, a, b); }
+};
+template <class T> struct GradInput {
+  static int run(const Problem& p, int64_t a, int64_t b) { return grad_input<T>(p, a, b); }
+};
+template <class T> struct GradKernel {
+  static int run(const Problem& p, int64_t a, int64_t b) { return grad_kernel<T>(p, a, b); }
+};
+
+template <template <class> class Pass>
+int run(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
+  switch (dtype) {
+    case 0: return Pass<float>::run(*p, row_begin, row_end);
+    case 1: return Pass<double>::run(*p, row_begin, row_end);
+    case 2: return Pass<bf16>::run(*p, row_begin, row_end);
+    default: return -2;
+  }
+}
+
+}  // namespace
+
+// Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. Returns 0; -1 when scratch memory
+// could not be allocated; -2 for an unknown dtype.
+extern "C" {
+
+int involution_forward(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
+  return run<Forward>(p, dtype, row_begin, row_end);
+}
+
+int involution_grad_input(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
+  return run<GradInput>(p, dtype, row_begin, row_end);
+}
+
+int involution_grad_kernel(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
+  return run<GradKernel>(p, dtype, row_begin, row_end);
+}
+
+}  // extern "C"

@@ -1,0 +1,334 @@
+"""The CPU backend (ops/cpu/) against the float64 reference, its layouts, threads and build.
+
+Every comparison runs the op through ``functional`` with ``backend="cpu"`` on random inputs and
+compares the output and both gradients with the reference backend in float64 on the same
+(rounded) inputs. The channel counts per group cover each code path of the kernels: blocks of
+16 channels (two vectors), 8 (one), and single channels, alone and mixed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from involution import functional
+from involution.ops import dispatch, layout
+from involution.ops.cpu import launch
+
+from conftest import assert_close_for, make_inputs
+
+pytestmark = pytest.mark.skipif(
+    not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)),
+    reason="the CPU kernels could not be built on this machine (see the logged warning)",
+)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FUNCS = {1: functional.involution1d, 2: functional.involution2d, 3: functional.involution3d}
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+# (n, batch, channels, groups, size, kernel_size, stride, dilation)
+CASES = [
+    (2, 2, 32, 2, (9, 7), 3, 1, 1),  # 16 channels per group
+    (2, 1, 48, 2, (10, 11), 5, 2, 1),  # 24 = 16 + 8
+    (2, 2, 12, 3, (10, 11), 5, 2, 2),  # 4 single channels
+    (2, 1, 20, 1, (8, 9), 3, 3, 2),  # 20 = 16 + 4 single
+    (2, 1, 4, 4, (5, 4), 7, 2, 1),  # input smaller than the kernel
+    (2, 2, 64, 4, (14, 13), 7, 1, 1),  # RedNet's K = 7, 16 channels per group
+    (2, 1, 32, 2, (12, 12), 7, 2, 1),  # RedNet's downsampling layers
+    (1, 2, 16, 1, (29,), 5, 2, 1),
+    (1, 1, 8, 1, (13,), 3, 1, 3),
+    (3, 1, 32, 2, (5, 6, 4), 3, 2, 1),
+    (3, 1, 6, 3, (4, 5, 6), 3, 1, 1),
+]
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """Channels-last for any rank: (B, C, *spatial) stored as (B, *spatial, C)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _pixel_major(kernel: torch.Tensor) -> torch.Tensor:
+    """(B, G, T, *out) stored as (B, *out, G, T): a channels-last span conv's output view."""
+    n = kernel.dim() - 3
+    return (
+        kernel.permute(0, *range(3, 3 + n), 1, 2)
+        .contiguous()
+        .permute(0, n + 1, n + 2, *range(1, n + 1))
+    )
+
+
+def _sliced(t: torch.Tensor) -> torch.Tensor:
+    """The same values, every other element of a twice-as-wide last dimension."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+LAYOUTS = {
+    "contiguous": (lambda x: x, lambda w: w),
+    "channels_last": (_channels_last, _pixel_major),
+    "sliced": (_sliced, _sliced),
+}
+
+
+def _check_against_reference(n, x, w, kwargs, dtype, x_layout, w_layout):
+    xs = x_layout(x.to(dtype)).requires_grad_()
+    ws = w_layout(w.to(dtype)).requires_grad_()
+    out = FUNCS[n](xs, ws, backend="cpu", **kwargs)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    gx, gw = torch.autograd.grad(out, (xs, ws), grad_out)
+
+    x64 = xs.detach().double().requires_grad_()
+    w64 = ws.detach().double().requires_grad_()
+    ref = FUNCS[n](x64, w64, backend="reference", **kwargs)
+    rx, rw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+    assert out.dtype == gx.dtype == gw.dtype == dtype
+    assert_close_for(dtype, out, ref)
+    assert_close_for(dtype, gx, rx)
+    assert_close_for(dtype, gw, rw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-c{c[2]}-g{c[3]}-k{c[5]}-s{c[6]}")
+def test_matches_reference(case, layout_name, dtype):
+    n, b, c, g, size, k, s, d = case
+    x, w, kwargs = make_inputs(n, b, c, g, size, k, s, d)
+    x_layout, w_layout = LAYOUTS[layout_name]
+    _check_against_reference(n, x, w, kwargs, dtype, x_layout, w_layout)
+
+
+def test_even_kernel_with_explicit_padding():
+    x, w, kwargs = make_inputs(2, 2, 16, 1, (8, 9), 4, 1, 1, padding=(2, 1))
+    _check_against_reference(2, x, w, kwargs, torch.float64, _channels_last, _pixel_major)
+
+
+def test_mixed_layouts():
+    """Channels-last input with a contiguous kernel, and the other way round."""
+    x, w, kwargs = make_inputs(2, 2, 32, 2, (9, 10), 5, 1, 1)
+    _check_against_reference(2, x, w, kwargs, torch.float32, _channels_last, lambda w: w)
+    _check_against_reference(2, x, w, kwargs, torch.float32, lambda x: x, _pixel_major)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    batch=st.integers(1, 2),
+    group_channels=st.sampled_from([1, 3, 8, 16, 17]),
+    groups=st.integers(1, 3),
+    half_k=st.integers(0, 3),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    sizes=st.lists(st.integers(1, 11), min_size=3, max_size=3),
+    layout_name=st.sampled_from(list(LAYOUTS)),
+    seed=st.integers(0, 2**16),
+)
+def test_random_configurations(
+    n, batch, group_channels, groups, half_k, stride, dilation, sizes, layout_name, seed
+):
+    k = 2 * half_k + 1
+    if n == 3:
+        k, sizes = min(k, 3), [min(s, 5) for s in sizes]
+    size = tuple(sizes[:n])
+    x, w, kwargs = make_inputs(
+        n, batch, groups * group_channels, groups, size, k, stride, dilation, seed=seed
+    )
+    x_layout, w_layout = LAYOUTS[layout_name]
+    _check_against_reference(n, x, w, kwargs, torch.float64, x_layout, w_layout)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[9]], ids=["2d", "1d", "3d"])
+def test_gradcheck_and_gradgradcheck_float64(case):
+    n, _, c, g, size, k, s, d = case
+    x, w, kwargs = make_inputs(n, 1, min(c, 18), min(g, 2), size, k, s, d)
+    x = _channels_last(x).requires_grad_() if n > 1 else x.requires_grad_()
+    w.requires_grad_()
+
+    def fn(x, w):
+        return FUNCS[n](x, w, backend="cpu", **kwargs)
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_padding_taps_multiply_zeros_like_the_reference():
+    """An infinite kernel value on a tap that falls in the padding gives NaN (inf * 0), as the
+    reference's explicitly padded input does; a finite one there changes nothing."""
+    x, w, kwargs = make_inputs(2, 1, 16, 1, (6, 6), 3, dtype=torch.float32)
+    w[0, 0, 0, 0, 0] = float("inf")  # tap (0, 0) of pixel (0, 0) reads padding
+    out = functional.involution2d(x, w, backend="cpu", **kwargs)
+    ref = functional.involution2d(x, w, backend="reference", **kwargs)
+    assert out[0, :, 0, 0].isnan().all() and ref[0, :, 0, 0].isnan().all()
+    torch.testing.assert_close(out[0, :, 1:, 1:], ref[0, :, 1:, 1:])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_zero(channels_last):
+    x, w, kwargs = make_inputs(2, 0, 16, 1, (6, 7), 3, dtype=torch.float32)
+    if channels_last:
+        x, w = _channels_last(x), _pixel_major(w)
+    x.requires_grad_()
+    w.requires_grad_()
+    out = functional.involution2d(x, w, backend="cpu", **kwargs)
+    gx, gw = torch.autograd.grad(out.sum(), (x, w))
+    assert out.shape == (0, 16, 6, 7) and gx.shape == x.shape and gw.shape == w.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_results_are_allocated_in_the_op_layout(channels_last):
+    """The backend itself allocates what the op returns, so the op's conversion is a no-op:
+    channels-last outputs and input gradients, pixel-major kernel gradients; contiguous ones
+    for a contiguous input."""
+    x, w, _ = make_inputs(2, 2, 32, 2, (7, 8), 3, 2, 1, dtype=torch.float32)
+    g = torch.randn(2, 32, 4, 4)
+    if channels_last:
+        x, w, g = _channels_last(x), _pixel_major(w), _channels_last(g)
+    geometry = ((3, 3), (2, 2), (1, 1), (1, 1))
+    out = launch.forward(x, w, *geometry)
+    gx = launch.grad_input(g, w, (7, 8), *geometry)
+    gw = launch.grad_kernel(g, x, *geometry, 2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+    expected = layout.empty_kernel(gw.shape, x, pixel_major=channels_last)
+    assert gw.stride() == expected.stride()
+
+
+def _run_twice(threads: int) -> list[torch.Tensor]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, kwargs = make_inputs(2, 4, 64, 4, (17, 15), 7, dtype=torch.float32)
+        x = _channels_last(x).requires_grad_()
+        w = _pixel_major(w).requires_grad_()
+        out = functional.involution2d(x, w, backend="cpu", **kwargs)
+        return [out.detach(), *torch.autograd.grad(out, (x, w), torch.ones_like(out))]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_deterministic_and_independent_of_the_thread_count():
+    one = _run_twice(1)
+    two = _run_twice(2)
+    again = _run_twice(2)
+    for a, b, c in zip(one, two, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_threads_split_rows_without_gaps():
+    """More threads than the pool has workers, and rows that do not divide evenly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        # 7 rows of 300 pixels: enough work for 3 threads, taking 2, 2 and 3 rows.
+        x, w, kwargs = make_inputs(2, 1, 16, 1, (7, 300), 5, dtype=torch.float64)
+        out = functional.involution2d(x, w, backend="cpu", **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close_for(
+        torch.float64, out, functional.involution2d(x, w, backend="reference", **kwargs)
+    )
+
+
+def test_auto_picks_cpu_on_the_cpu_and_not_for_other_dtypes():
+    x = torch.ones(1, 1, 1, 1)
+    w = torch.ones(1, 1, 1, 1, 1)
+    assert dispatch.choose_backend(x, w, "auto") == "cpu"
+    assert dispatch.choose_backend(x.half(), w.half(), "auto") == "torch"
+    with pytest.raises(RuntimeError, match=r"cpu: input dtype torch.float16 is not supported"):
+        dispatch.can_run_cpu(x.half(), w.half(), raise_error=True)
+    with pytest.raises(RuntimeError, match=r"cpu: input is on meta"):
+        dispatch.can_run_cpu(x.to("meta"), w.to("meta"), raise_error=True)
+
+
+_FALLBACK_SCRIPT = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+from involution import functional
+from involution.ops import dispatch
+x, w = torch.randn(1, 16, 6, 6), torch.randn(1, 1, 9, 6, 6)
+assert dispatch.choose_backend(x, w, "auto") == "torch"
+for _ in range(3):
+    out = functional.involution2d(x, w, 3)
+ref = functional.involution2d(x, w, 3, backend="reference")
+torch.testing.assert_close(out, ref)
+try:
+    dispatch.can_run_cpu(x, w, raise_error=True)
+except RuntimeError as error:
+    print("REFUSED", error)
+"""
+
+
+def _run_without_build(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHONPATH=str(SRC), CXX=compiler, XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    return subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+
+
+def test_missing_compiler_falls_back_to_portable_with_one_log_line(tmp_path):
+    result = _run_without_build(tmp_path, str(tmp_path / "no-such-compiler"))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stderr
+    assert "CPU kernels unavailable, using the portable backend" in warnings[0]
+    assert "no-such-compiler" in warnings[0] and "not found" in warnings[0]
+    assert "REFUSED cpu: could not be built: C++ compiler" in result.stdout
+
+
+def test_failing_compiler_falls_back_with_its_reason(tmp_path):
+    script = tmp_path / "broken-cxx"
+    script.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 3\n")
+    script.chmod(0o755)
+    result = _run_without_build(tmp_path, str(script))
+    assert "exited with 3: error: this compiler is broken" in result.stdout, result.stderr
+    assert not list((tmp_path / "cache" / "involution").glob("*.so"))
+
+
+def test_second_process_loads_the_cached_library_without_building():
+    """This process has built (or loaded) the kernels; another one finds them in the cache."""
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from involution.ops.cpu.build import library; library()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert "built the CPU kernels" not in result.stderr, result.stderr
+
+
+def test_kernel_read_with_any_strides():
+    """A kernel expanded over its pixels (stride 0 there), as a broadcast would give."""
+    x, w, kwargs = make_inputs(2, 2, 16, 1, (6, 5), 3, dtype=torch.float64)
+    expanded = w[..., :1, :1].expand(w.shape)
+    out = functional.involution2d(_channels_last(x), expanded, backend="cpu", **kwargs)
+    ref = functional.involution2d(x, expanded.contiguous(), backend="reference", **kwargs)
+    assert_close_for(torch.float64, out, ref)
+
+
+def test_benchmark_op_measures_cpu_in_channels_last():
+    """``involution bench op --channels-last``: pixel-major kernels, channels-last inputs."""
+    from involution.benchmark import OpShape, benchmark_op
+    from involution.cli.__main__ import main
+
+    rows = benchmark_op(
+        OpShape(2, 32, 9, 8), 3, backends=["cpu"], baselines=["depthwise"], passes=["forward"],
+        repeats=1, channels_last=True,
+    )  # fmt: skip
+    assert [r["op"] for r in rows] == ["involution[cpu]", "conv2d depthwise"]
+    assert all(r["median_ms"] > 0 for r in rows)
+    argv = ["bench", "op", "--shapes", "1x16x6x6", "--kernel-size", "3", "--backends", "cpu"]
+    assert main([*argv, "--repeats", "1", "--copy-mib", "0", "--channels-last"]) == 0
