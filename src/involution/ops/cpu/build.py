@@ -10,7 +10,8 @@ needing the compiler).
 
 Why not a torch C++ extension: compiling against torch's headers takes about a minute on two
 cores and needs ninja, and torch as a build requirement would make pip's isolated build fetch a
-second (CUDA) torch. Why not inductor-generated kernels: see BENCHMARKS.md (CPU section).
+second (CUDA) torch. Inductor-generated kernels were not measured against these (BENCHMARKS.md,
+CPU section says so).
 
 When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; the
 first failure is logged as one warning, and dispatch falls back to the portable backend.
