@@ -372,7 +372,7 @@ def test_autocast_compiles_fullgraph():
 def test_auto_never_picks_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w = torch.randn(1, 4, 5, 5), torch.randn(1, 2, 9, 5, 5)
-    assert dispatch.choose_backend(x, w, "auto") == "torch"
+    assert dispatch.choose_backend(x, w, "auto") in ("cpu", "torch")  # never triton on the CPU
 
 
 def test_refusals_explain_themselves(monkeypatch):
