@@ -31,11 +31,11 @@ def _null_backend() -> types.ModuleType:
 
     def forward(input, kernel, kernel_size, stride, padding, dilation):
         shape = (*input.shape[:2], *kernel.shape[3:])
-        return layout.empty(shape, input, layout.channels_last(input))
+        return layout.empty(shape, input)
 
     def grad_input(grad_out, kernel, input_size, kernel_size, stride, padding, dilation):
         shape = (*grad_out.shape[:2], *input_size)
-        return layout.empty(shape, grad_out, layout.channels_last(grad_out))
+        return layout.empty(shape, grad_out)
 
     def grad_kernel(grad_out, input, kernel_size, stride, padding, dilation, groups):
         shape = (input.shape[0], groups, math.prod(kernel_size), *grad_out.shape[2:])

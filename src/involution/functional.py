@@ -214,7 +214,16 @@ def _involution(
     geometry = resolve_geometry(n, kernel_size, stride, padding, dilation)
     input, kernel = _autocast(input, kernel)  # type: ignore[assignment]
     _check_tensors(n, input, kernel, geometry)
-    chosen = choose_backend(input, kernel, backend)
+    return _run(input, kernel, geometry, choose_backend(input, kernel, backend))
+
+
+def _run(
+    input: torch.Tensor,
+    kernel: torch.Tensor,
+    geometry: tuple[tuple[int, ...], ...],
+    chosen: str,
+) -> torch.Tensor:
+    """The involution of checked tensors on the chosen backend."""
     if chosen == "reference":
         return reference.involution(input, kernel, *geometry)
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
@@ -376,8 +385,7 @@ def _fused_involution(
     chosen = choose_backend(input, input.new_empty(()).expand(kernel_shape), backend)
     compose = chosen == "reference" or (native_only and not has_fused_passes(chosen))
     if compose or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-        kernel = span.span(features, matrix, bias, kernel_shape[2])
-        return _involution(n, input, kernel, *geometry, chosen)
+        return _run(input, span.span(features, matrix, bias, kernel_shape[2]), geometry, chosen)
     return _library.fused_involution(input, features, matrix, bias, *geometry, chosen)
 
 

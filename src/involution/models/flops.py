@@ -51,15 +51,11 @@ def _grad_kernel_flop(
     return 2 * math.prod(grad_out_shape) * math.prod(kernel_size)
 
 
-def _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape) -> int:
-    """Multiply-adds of the span (R per kernel value) plus those of the aggregation."""
-    pixels = input_shape[0] * math.prod(features_shape[2:])
-    return pixels * weight_shape[0] * weight_shape[1] + math.prod(out_shape) * math.prod(
-        kernel_size
-    )
+def _span_macs(input_shape, features_shape, weight_shape) -> int:
+    """Multiply-adds of the fused op's span: R (= weight_shape[1]) per kernel value."""
+    return input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0] * weight_shape[1]
 
 
-@register_flop_formula(torch.ops.involution.fused_involution)
 def _fused_flop(
     input_shape,
     features_shape,
@@ -70,7 +66,12 @@ def _fused_flop(
     out_shape=None,
     **kwargs: Any,
 ) -> int:
-    return 2 * _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape)
+    aggregation = math.prod(out_shape) * math.prod(kernel_size)
+    return 2 * (_span_macs(input_shape, features_shape, weight_shape) + aggregation)
+
+
+# Registered apart from its definition: _fused_with_bias below calls the undecorated formula.
+register_flop_formula(torch.ops.involution.fused_involution)(_fused_flop)
 
 
 @register_flop_formula(torch.ops.involution.fused_involution_backward)
@@ -86,9 +87,8 @@ def _fused_backward_flop(
     **kwargs: Any,
 ) -> int:
     # The span recomputed, grad_input and grad_kernel, then grad_features and grad_weight.
-    span = input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0] * weight_shape[1]
     aggregation = math.prod(grad_out_shape) * math.prod(kernel_size)
-    return 2 * (3 * span + 2 * aggregation)
+    return 2 * (3 * _span_macs(input_shape, features_shape, weight_shape) + 2 * aggregation)
 
 
 # Element-wise costs of the paper's convention, in FlopCounterMode units (2 per operation, so
@@ -110,19 +110,14 @@ def _conv_with_bias(
 
 
 def _fused_with_bias(
-    input_shape,
-    features_shape,
-    weight_shape,
-    bias_shape,
-    kernel_size,
-    *args: Any,
-    out_shape=None,
-    **kwargs: Any,
+    input_shape, features_shape, weight_shape, bias_shape, *args: Any, out_shape=None, **kwargs: Any
 ) -> int:
-    macs = _fused_macs(input_shape, features_shape, weight_shape, kernel_size, out_shape)
-    if bias_shape is not None:
-        macs += input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0]
-    return 2 * macs
+    flops = _fused_flop(
+        input_shape, features_shape, weight_shape, bias_shape, *args, out_shape=out_shape
+    )
+    if bias_shape is not None:  # one addition per kernel value, as for a convolution's bias
+        flops += 2 * input_shape[0] * math.prod(features_shape[2:]) * weight_shape[0]
+    return flops
 
 
 def _per_output_element(*args: Any, out_shape=None, **kwargs: Any) -> int:

@@ -46,7 +46,7 @@ def involution(
 @involution.register_fake
 def _(input, kernel, kernel_size, stride, padding, dilation, backend):
     shape = (input.shape[0], input.shape[1], *kernel.shape[3:])
-    return layout.empty(shape, input, layout.channels_last(input))
+    return layout.empty(shape, input)
 
 
 @torch.library.custom_op("involution::grad_input", mutates_args=())
@@ -69,7 +69,7 @@ def grad_input(
 @grad_input.register_fake
 def _(grad_out, kernel, input_size, kernel_size, stride, padding, dilation, backend):
     shape = (grad_out.shape[0], grad_out.shape[1], *input_size)
-    return layout.empty(shape, grad_out, layout.channels_last(grad_out))
+    return layout.empty(shape, grad_out)
 
 
 @torch.library.custom_op("involution::grad_kernel", mutates_args=())
@@ -210,7 +210,7 @@ def fused_involution(
 @fused_involution.register_fake
 def _(input, features, weight, bias, kernel_size, stride, padding, dilation, backend):
     shape = (input.shape[0], input.shape[1], *features.shape[2:])
-    return layout.empty(shape, input, layout.channels_last(input))
+    return layout.empty(shape, input)
 
 
 @torch.library.custom_op("involution::fused_involution_backward", mutates_args=())
@@ -235,8 +235,8 @@ def fused_involution_backward(
 @fused_involution_backward.register_fake
 def _(grad_out, input, features, weight, bias, kernel_size, stride, padding, dilation, backend):
     return (
-        layout.empty(input.shape, input, layout.channels_last(input)),
-        layout.empty(features.shape, features, layout.channels_last(features)),
+        layout.empty(input.shape, input),
+        layout.empty(features.shape, features),
         weight.new_empty(weight.shape),
         weight.new_empty(weight.shape[:1]),
     )

@@ -34,22 +34,21 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return _CHANNELS_LAST[t.dim()] if channels_last(t) else torch.contiguous_format
 
 
-def empty(
-    shape: Sequence[int], like: torch.Tensor, channels_last: bool, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """An uninitialized (B, C, *spatial) tensor on ``like``'s device, channels-last or not."""
-    fmt = _CHANNELS_LAST[len(shape)] if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+def empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized (B, C, *spatial) tensor with ``like``'s dtype, device and memory format
+    (channels-last exactly when ``like`` is)."""
+    fmt = _CHANNELS_LAST[len(shape)] if channels_last(like) else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def empty_kernel(
-    shape: Sequence[int], like: torch.Tensor, pixel_major: bool, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """An uninitialized (B, G, T, *out) kernel-shaped tensor, pixel-major or contiguous."""
+def empty_kernel(shape: Sequence[int], like: torch.Tensor, pixel_major: bool) -> torch.Tensor:
+    """An uninitialized (B, G, T, *out) kernel-shaped tensor with ``like``'s dtype and device,
+    pixel-major or contiguous."""
     if not pixel_major:
-        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    strides = _pixel_major_strides(shape)
-    return torch.empty_strided(shape, strides, dtype=dtype or like.dtype, device=like.device)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty_strided(
+        shape, _pixel_major_strides(shape), dtype=like.dtype, device=like.device
+    )
 
 
 def _pixel_major_strides(shape: Sequence[int]) -> tuple[int, ...]:

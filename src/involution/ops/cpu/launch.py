@@ -135,7 +135,7 @@ def forward(
 ) -> torch.Tensor:
     batch, channels = input.shape[:2]
     out_size = tuple(kernel.shape[3:])
-    out = layout.empty((batch, channels, *out_size), input, layout.channels_last(input))
+    out = layout.empty((batch, channels, *out_size), input)
     if out.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -166,7 +166,7 @@ def grad_input(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     batch, channels = grad_out.shape[:2]
-    grad = layout.empty((batch, channels, *input_size), grad_out, layout.channels_last(grad_out))
+    grad = layout.empty((batch, channels, *input_size), grad_out)
     if grad.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(

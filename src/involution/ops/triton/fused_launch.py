@@ -332,7 +332,7 @@ def fused_forward(
     """
     batch, channels = input.shape[:2]
     shape = (batch, channels, *features.shape[2:])
-    out = layout.empty(shape, input, layout.channels_last(input))
+    out = layout.empty(shape, input)
     if out.numel() > 0:
         forward_launch(input, features, weight, bias, kernel_size, stride, padding, dilation, out)()
     return out
@@ -359,8 +359,8 @@ def fused_backward(
         in the input's memory format, grad_features in the features'. grad_bias is computed
         even when ``bias`` is None (the op drops it).
     """
-    grad_input = layout.empty(input.shape, input, layout.channels_last(input))
-    grad_features = layout.empty(features.shape, features, layout.channels_last(features))
+    grad_input = layout.empty(input.shape, input)
+    grad_features = layout.empty(features.shape, features)
     rows, hidden = weight.shape
     groups = rows // math.prod(kernel_size)
     pixels = input.shape[0] * math.prod(features.shape[2:])

@@ -299,7 +299,7 @@ def forward(
 ) -> torch.Tensor:
     batch, channels = input.shape[:2]
     out_size = tuple(kernel.shape[3:])
-    out = layout.empty((batch, channels, *out_size), input, layout.channels_last(input))
+    out = layout.empty((batch, channels, *out_size), input)
     geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     return _launch(
         kernels.involution_forward_kernel,
@@ -326,7 +326,7 @@ def grad_input(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     batch, channels = grad_out.shape[:2]
-    grad = layout.empty((batch, channels, *input_size), grad_out, layout.channels_last(grad_out))
+    grad = layout.empty((batch, channels, *input_size), grad_out)
     geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     return _launch(
         kernels.involution_grad_input_kernel,
