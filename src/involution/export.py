@@ -1,11 +1,16 @@
 """Exporting models that contain involutions: ONNX and ``torch.export`` programs.
 
-While ``torch.export`` traces a model, :mod:`involution.functional` computes involution with
-standard tensor operations (a Gather and a batched MatMul per layer, see
-``ops/export_graph.py``) instead of the registered custom op, so the exported graphs hold
-standard operators only: an ONNX file runs in any ONNX runtime without a custom domain, and a
-saved ``ExportedProgram`` loads without importing this library. Both keep the batch size and the
-spatial size dynamic.
+Exported graphs hold standard operators only: an ONNX file runs in any ONNX runtime without a
+custom domain, and a saved ``ExportedProgram`` loads without importing this library. Both keep
+the batch size and the spatial size dynamic. Each involution becomes a Gather and a batched
+MatMul (``ops/export_graph.py``), reached two ways:
+
+* :func:`export_program`: while ``torch.export`` traces the model, :mod:`involution.functional`
+  computes involution with standard ATen operations;
+* :func:`export_onnx`: each involution is traced as its registered op, one opaque node with a
+  fake implementation, and the ONNX exporter translates it with a table from
+  ``ops/export_graph.py``. Tracing skips the symbolic shape arithmetic of a dozen operations per
+  layer on dynamic sizes, which made most of the export time.
 
 The exporters' own log messages and warnings (one line per constant the ONNX optimizer merges,
 notes about optional packages, deprecations inside PyTorch) are hidden unless ``verbose=True``.
@@ -28,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
+
+from .ops import export_graph
 
 __all__ = [
     "STANDARD_ONNX_DOMAINS",
@@ -143,7 +150,8 @@ def export_onnx(
     """Exports ``model`` to ONNX with the dynamo-based exporter of ``torch.onnx``.
 
     The graph has one input ``images`` and one output ``output``, with dynamic batch, height
-    and width, and standard ONNX operators only (checked after writing).
+    and width, and standard ONNX operators only (checked after writing). Each involution is
+    traced as one node and translated to ONNX directly (``export_graph.onnx_translation``).
 
     Args:
         model: in eval mode; it takes one (B, C, H, W) tensor.
@@ -168,7 +176,7 @@ def export_onnx(
         ) from error
     path = Path(path)
     example, dynamic_shapes = _trace_input(example)
-    with _exporter_output(verbose):
+    with _exporter_output(verbose), export_graph.onnx_translation() as translation:
         torch.onnx.export(
             model,
             (example,),
@@ -179,6 +187,7 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
             external_data=False,
+            custom_translation_table=translation,
             verbose=verbose,
         )
     custom = nonstandard_onnx_domains(path)

@@ -224,12 +224,14 @@ def _run(
     chosen: str,
 ) -> torch.Tensor:
     """The involution of checked tensors on the chosen backend."""
-    if chosen == "reference":
-        return reference.involution(input, kernel, *geometry)
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-        # Exported graphs carry standard operators only, so that ONNX and ExportedProgram
-        # consumers need no custom op: a Gather and a MatMul per layer (ops/export_graph.py).
+    form = export_graph.traced_form()
+    if form == "aten":
+        # Exported programs carry standard operators only, so that their consumers need no
+        # custom op: a Gather and a MatMul per layer (ops/export_graph.py).
         return export_graph.forward(input, kernel, *geometry)
+    if chosen == "reference" and form is None:
+        return reference.involution(input, kernel, *geometry)
+    # Traced for ONNX, the op stays one node that export_graph translates.
     return _library.involution(input, kernel, *geometry, chosen)
 
 
@@ -383,8 +385,10 @@ def _fused_involution(
     matrix, kernel_shape = _check_generator(n, input, features, weight, bias, geometry)
     # The backend is chosen as for the kernel this op never stores (dispatch reads its shape).
     chosen = choose_backend(input, input.new_empty(()).expand(kernel_shape), backend)
+    form = export_graph.traced_form()
     compose = chosen == "reference" or (native_only and not has_fused_passes(chosen))
-    if compose or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    # Traced for ONNX, the op stays one node whatever the backend: it is translated, not run.
+    if form == "aten" or (compose and form is None):
         return _run(input, span.span(features, matrix, bias, kernel_shape[2]), geometry, chosen)
     return _library.fused_involution(input, features, matrix, bias, *geometry, chosen)
 
