@@ -31,11 +31,13 @@ convolution with one-hot weights extracts the same neighbourhoods with K^n times
 multiply-adds.
 
 The index depends only on the spatial sizes, so it is computed from the input's shape: batch,
-height and width stay dynamic. In ONNX it is the flat position grid of the padded input
-(``Range`` reshaped to its shape), sliced with the stride for the output pixels and with the
-dilation for the tap offsets, the two added: 8 nodes, built once per geometry and padded size
-and shared by the layers that have both (the exporter gives equal sizes the same symbolic
-name). A layer is then 9 or 10 ONNX nodes beyond its kernel generator.
+height and width stay dynamic. In ONNX it is built from the grid of the padded input's flat
+positions (``Range`` reshaped to its shape): every stride-th position, where each output
+pixel's first tap lies, plus the offsets of the K^n taps, read from the grid at the origin.
+That takes 8 nodes, and the output shape 1 or 2, built for the first layer of each geometry and
+input size and reused by the later ones (the exporter gives equal sizes the same symbolic name).
+A layer is then 9 ONNX nodes beyond its kernel generator (Pad, 3 Reshape, 3 Transpose, Gather,
+MatMul).
 """
 
 from __future__ import annotations
