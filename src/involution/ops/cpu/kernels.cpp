@@ -335,7 +335,8 @@ inline void product_rows(const S* a, int64_t ap, int64_t ak, const S* b, int64_t
 template <class S, class T>
 void product(int64_t n, const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
              const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
-  constexpr int P = pixels<S>();
+  // 6 rows of two float32 vectors: 12 accumulators, 2 loads of B and 6 broadcasts per 12 FMAs.
+  constexpr int P = sizeof(S) == 8 ? 2 : 6;
   int64_t p = 0;
   for (; p + P <= n; p += P)
     product_rows<S, T, P>(a + p * ap, ap, ak, b, N, K, init ? init + p * ip : nullptr, ip,
