@@ -315,35 +315,36 @@ inline void product_block(const S* a, int64_t ap, int64_t ak, const S* b, int64_
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
-template <class S, class T, int P>
-inline void product_rows(const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
-                         const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
-  int64_t c = 0;
-  for (; c + 16 <= N; c += 16)
-    product_block<S, T, 8, 2, P>(a, ap, ak, b + c, N, K, init ? init + c : nullptr, ip,
-                                 out + c * oc, op, oc);
-  if (c + 8 <= N) {
-    product_block<S, T, 8, 1, P>(a, ap, ak, b + c, N, K, init ? init + c : nullptr, ip,
-                                 out + c * oc, op, oc);
-    c += 8;
-  }
-  for (; c < N; ++c)
-    product_block<S, T, 1, 1, P>(a, ap, ak, b + c, N, K, init ? init + c : nullptr, ip,
-                                 out + c * oc, op, oc);
+// One block of LANES * NV columns from column c, for all n rows: B's panel of those columns stays
+// in L1 while the rows pass (B may be the whole span weight, larger than L2).
+template <class S, class T, int LANES, int NV>
+inline void product_columns(int64_t n, const S* a, int64_t ap, int64_t ak, const S* b, int64_t N,
+                            int64_t K, const S* init, int64_t ip, T* out, int64_t op, int64_t oc,
+                            int64_t c) {
+  // 6 rows of two float32 vectors: 12 accumulators, 2 loads of B and 6 broadcasts per 12 FMAs.
+  constexpr int P = sizeof(S) == 8 ? 2 : 6;
+  int64_t p = 0;
+  for (; p + P <= n; p += P)
+    product_block<S, T, LANES, NV, P>(a + p * ap, ap, ak, b + c, N, K,
+                                      init ? init + p * ip + c : nullptr, ip,
+                                      out + p * op + c * oc, op, oc);
+  for (; p < n; ++p)
+    product_block<S, T, LANES, NV, 1>(a + p * ap, ap, ak, b + c, N, K,
+                                      init ? init + p * ip + c : nullptr, ip,
+                                      out + p * op + c * oc, op, oc);
 }
 
 template <class S, class T>
 void product(int64_t n, const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
              const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
-  // 6 rows of two float32 vectors: 12 accumulators, 2 loads of B and 6 broadcasts per 12 FMAs.
-  constexpr int P = sizeof(S) == 8 ? 2 : 6;
-  int64_t p = 0;
-  for (; p + P <= n; p += P)
-    product_rows<S, T, P>(a + p * ap, ap, ak, b, N, K, init ? init + p * ip : nullptr, ip,
-                          out + p * op, op, oc);
-  for (; p < n; ++p)
-    product_rows<S, T, 1>(a + p * ap, ap, ak, b, N, K, init ? init + p * ip : nullptr, ip,
-                          out + p * op, op, oc);
+  int64_t c = 0;
+  for (; c + 16 <= N; c += 16)
+    product_columns<S, T, 8, 2>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
+  if (c + 8 <= N) {
+    product_columns<S, T, 8, 1>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
+    c += 8;
+  }
+  for (; c < N; ++c) product_columns<S, T, 1, 1>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
 }
 
 // ---------------------------------------------------------------------------------------------
