@@ -2,12 +2,17 @@
 
 Profiles forward, loss, backward and an SGD step of ``rednet26_cifar`` at the demo's settings
 (batch 32, 1x32x32 inputs, base width 16) and splits the step's wall time into the involution
-aggregation (the ``involution::`` ops and their backward), the span convolution that writes the
-G*K^2-channel kernel map (found by its weight's shape), and the rest. ResNet-26's step is timed
-beside it, for the ratio the issue asks for.
+ops (the ``involution::`` ops and their backward; with a backend that has fused passes, such as
+the cpu one, these include the kernel generator's span), the span convolution that writes the
+G*K^2-channel kernel map where the span runs apart (found by its weight's shape), and the rest.
+ResNet-26's step is timed beside it, in the same memory format, for the ratio the issue asks for.
+
+The two models' steps alternate, and the ratio is the median of the per-round ratios, so that a
+busy machine slows both alike.
 
 Usage:
     PYTHONPATH=src python benchmarks/profile_rednet_cpu.py [--steps 5] [--backend auto]
+        [--channels-last]
 """
 
 from __future__ import annotations
@@ -29,23 +34,30 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
 
 
-def _median_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    _step(model, opt, x, y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+def _paired_ms(
+    models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int
+) -> list[list[float]]:
+    """Step times in ms, the models' steps taken in turn: each round sees the same load."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    for model, opt in zip(models, opts, strict=True):
         _step(model, opt, x, y)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    rounds = []
+    for _ in range(steps):
+        times = []
+        for model, opt in zip(models, opts, strict=True):
+            start = time.perf_counter()
+            _step(model, opt, x, y)
+            times.append((time.perf_counter() - start) * 1e3)
+        rounds.append(times)
+    return rounds
 
 
 def _shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     spans = {m.span.out_channels for m in model.modules() if isinstance(m, _InvolutionNd)}
 
     def kind(event) -> str | None:
-        if event.name.startswith("involution::") and "fused" not in event.name:
-            return "aggregation"
+        if event.name.startswith("involution::"):
+            return "involution ops"
         if "convolution" in event.name or event.name == "aten::conv2d":
             for shape in event.input_shapes:
                 if len(shape) == 4 and shape[0] in spans and shape[2:] == [1, 1]:
@@ -58,7 +70,7 @@ def _shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, flo
         start = time.perf_counter()
         _step(model, opt, x, y)
         total = (time.perf_counter() - start) * 1e6
-    found = {"span conv": 0.0, "aggregation": 0.0}
+    found = {"span conv": 0.0, "involution ops": 0.0}
     for event in prof.events():
         k = kind(event)
         parent, outer = event.cpu_parent, True
@@ -75,6 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--backend", default="auto", help="involution backend (default auto)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and images in channels_last"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(32, 1, 32, 32)
@@ -85,11 +100,18 @@ def main() -> None:
         if isinstance(m, _InvolutionNd):
             m.backend = args.backend
     resnet = create_model("resnet26_cifar", **kwargs)
-    red_ms = _median_ms(rednet, x, y, args.steps)
-    res_ms = _median_ms(resnet, x, y, args.steps)
-    print(f"threads: {torch.get_num_threads()}  backend: {args.backend}")
-    print(f"rednet26_cifar step: {red_ms:.1f} ms  resnet26_cifar step: {res_ms:.1f} ms")
-    print(f"ratio rednet/resnet: {red_ms / res_ms:.2f}")
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        rednet = rednet.to(memory_format=torch.channels_last)
+        resnet = resnet.to(memory_format=torch.channels_last)
+    rounds = _paired_ms([rednet, resnet], x, y, args.steps)
+    red_ms = statistics.median(r[0] for r in rounds)
+    res_ms = statistics.median(r[1] for r in rounds)
+    ratio = statistics.median(r[0] / r[1] for r in rounds)
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"threads: {torch.get_num_threads()}  backend: {args.backend}  layout: {layout}")
+    print(f"rednet26_cifar step: {red_ms:.1f} ms  resnet26_cifar step: {res_ms:.1f} ms (medians)")
+    print(f"ratio rednet/resnet: {ratio:.2f} (median of the per-round ratios)")
     for name, share in _shares(rednet, x, y).items():
         print(f"rednet26 {name}: {share * 100:.0f} %")
 

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
+from involution import functional
 from involution.functional import output_size, resolve_geometry
+
+_INVOLUTION = {
+    1: functional.involution1d,
+    2: functional.involution2d,
+    3: functional.involution3d,
+}
 
 # (rtol, atol) of a backend against the float64 reference, per dtype of the inputs.
 TOLERANCES = {
@@ -44,6 +51,37 @@ def make_inputs(
         "dilation": dilation,
     }
     return x, w.to(dtype), kwargs
+
+
+def make_fused_inputs(case, dtype=torch.float64, bias=True, seed=0):
+    """Random input, features, weight and bias of the fused op for ``case`` = (n, batch,
+    channels, groups, hidden, size, kernel_size, stride, dilation), plus the geometry kwargs."""
+    n, b, c, g, r, size, k, s, d = case
+    gen = torch.Generator().manual_seed(seed)
+    geometry = resolve_geometry(n, k, s, None, d)
+    out = output_size(size, *geometry)
+    taps = math.prod(geometry[0])
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    tensors = {
+        "input": rand(b, c, *size),
+        "features": rand(b, r, *out),
+        "weight": rand(g * taps, r) / math.sqrt(r),
+        "bias": rand(g * taps) if bias else None,
+    }
+    return tensors, {"kernel_size": k, "stride": s, "dilation": d}
+
+
+def composed_reference(n, input, features, weight, bias, kwargs):
+    """The definition, spelled out: a 1x1 convolution, then the reference involution."""
+    taps = math.prod(resolve_geometry(n, **kwargs)[0])
+    kernel = torch.einsum("kr,br...->bk...", weight, features)
+    if bias is not None:
+        kernel = kernel + bias.view(-1, *(1,) * n)
+    kernel = kernel.reshape(input.shape[0], -1, taps, *features.shape[2:])
+    return _INVOLUTION[n](input, kernel, backend="reference", **kwargs)
 
 
 def assert_close_for(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Tensor) -> None:

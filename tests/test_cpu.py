@@ -19,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from involution import functional
+from involution import nn as involution_nn
 from involution.ops import dispatch, layout
 from involution.ops.cpu import launch
 
-from conftest import assert_close_for, make_inputs
+from conftest import assert_close_for, composed_reference, make_fused_inputs, make_inputs
 
 pytestmark = pytest.mark.skipif(
     not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)),
@@ -236,6 +237,150 @@ def test_threads_split_rows_without_gaps():
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused op's native passes (kernel generated inside the kernels from the features).
+
+FUSED = {
+    1: functional.fused_involution1d,
+    2: functional.fused_involution2d,
+    3: functional.fused_involution3d,
+}
+# Hidden features per case: 20 = 16 + 4 and 9 = 8 + 1 cover each block of the small matrix
+# products (two vectors, one vector, single values).
+FUSED_CASES = [
+    (n, b, c, g, (20, 9)[i % 2], size, k, s, d)
+    for i, (n, b, c, g, size, k, s, d) in enumerate(CASES)
+]
+
+
+def _assert_close_to_scale(dtype, actual, expected):
+    """The dtype's tolerance relative to the largest value: the weight and feature gradients
+    are sums over hundreds of pixels and taps, whose rounding error grows with the terms (the
+    portable backend's composition differs from float64 as much)."""
+    scale = max(1.0, expected.abs().max().item())
+    assert_close_for(dtype, actual / scale, expected / scale)
+
+
+def _fused_grads(n, tensors, kwargs, grad_out=None):
+    leaves = {k: t.detach().requires_grad_() for k, t in tensors.items() if t is not None}
+    out = FUSED[n](*(leaves.get(k) for k in tensors), backend="cpu", **kwargs)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    return out, dict(zip(leaves, grads, strict=True)), grad_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "case", FUSED_CASES, ids=lambda c: f"{c[0]}d-c{c[2]}-g{c[3]}-r{c[4]}-k{c[6]}-s{c[7]}"
+)
+def test_fused_matches_composition(case, layout_name, dtype):
+    """Output and the four gradients against span + reference involution in float64."""
+    n = case[0]
+    tensors, kwargs = make_fused_inputs(case, dtype, bias=case[4] == 20)
+    to_layout = LAYOUTS[layout_name][0]
+    tensors["input"] = to_layout(tensors["input"])
+    tensors["features"] = to_layout(tensors["features"])
+    if layout_name == "sliced":
+        tensors["weight"] = tensors["weight"].t().contiguous().t()  # columns apart
+    out, grads, grad_out = _fused_grads(n, tensors, kwargs)
+
+    ref_tensors = {k: None if t is None else t.double() for k, t in tensors.items()}
+    ref_leaves = [t.requires_grad_() for t in ref_tensors.values() if t is not None]
+    ref = composed_reference(n, *ref_tensors.values(), kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    assert out.dtype == dtype
+    assert_close_for(dtype, out, ref)
+    for (name, grad), expected in zip(grads.items(), ref_grads, strict=True):
+        assert grad.dtype == dtype and grad.shape == tensors[name].shape, name
+        _assert_close_to_scale(dtype, grad, expected)
+    if layout_name == "channels_last" and n > 1:
+        assert out.is_contiguous(memory_format=CHANNELS_LAST[n])
+        assert grads["input"].is_contiguous(memory_format=CHANNELS_LAST[n])
+        assert grads["features"].is_contiguous(memory_format=CHANNELS_LAST[n])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "case", [FUSED_CASES[1], FUSED_CASES[7], FUSED_CASES[9]], ids=["2d", "1d", "3d"]
+)
+def test_fused_gradcheck_float64(case, bias):
+    n, _, c, g, _, size, k, s, d = case
+    tensors, kwargs = make_fused_inputs((n, 1, min(c, 18), min(g, 2), 5, size, k, s, d), bias=bias)
+    leaves = tuple(t.requires_grad_() for t in tensors.values() if t is not None)
+
+    def fn(*args):
+        return FUSED[n](*args, *([] if bias else [None]), backend="cpu", **kwargs)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def _fused_run(threads: int) -> list[torch.Tensor]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # 2 * 40 output rows: more rows than chunks of weight-gradient sums, so chunks hold
+        # several rows and threads get several chunks.
+        case = (2, 2, 32, 2, 20, (40, 9), 5, 1, 1)
+        tensors, kwargs = make_fused_inputs(case, torch.float32)
+        gen = torch.Generator().manual_seed(1)
+        grad_out = torch.randn(2, 32, 40, 9, generator=gen)
+        out, grads, _ = _fused_grads(2, tensors, kwargs, grad_out)
+        return [out.detach(), *grads.values()]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_fused_deterministic_and_independent_of_the_thread_count():
+    runs = [_fused_run(threads) for threads in (1, 2, 3, 2)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_fused_many_chunks_match_composition():
+    case = (2, 2, 32, 2, 20, (40, 9), 5, 1, 1)
+    tensors, kwargs = make_fused_inputs(case)
+    torch.set_num_threads(2)
+    try:
+        out, grads, grad_out = _fused_grads(2, tensors, kwargs)
+    finally:
+        torch.set_num_threads(1)
+    leaves = [t.requires_grad_() for t in tensors.values()]
+    ref = composed_reference(2, *leaves, kwargs)
+    for grad, expected in zip(
+        grads.values(), torch.autograd.grad(ref, leaves, grad_out), strict=True
+    ):
+        assert_close_for(torch.float64, grad, expected)
+    assert_close_for(torch.float64, out, ref)
+
+
+def test_layers_run_the_fused_passes_on_the_cpu(monkeypatch):
+    """An involution layer on the CPU generates its kernel inside the op (no kernel map), with
+    the output and every gradient of the layer that stores the kernel (portable backend)."""
+    assert dispatch.has_fused_passes("cpu")
+    calls = []
+    fused_forward = launch.fused_forward
+    monkeypatch.setattr(
+        launch, "fused_forward", lambda *args: calls.append("forward") or fused_forward(*args)
+    )
+    monkeypatch.setattr(launch, "forward", None)  # the unfused pass must not run
+    torch.manual_seed(0)
+    layer = involution_nn.Involution2d(32, 7, 2, group_channels=16, backend="cpu").double()
+    x = torch.randn(2, 32, 11, 10, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
+    assert calls == ["forward"]
+    layer.backend = "torch"
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected, [x, *layer.parameters()], grad_out)
+    assert_close_for(torch.float64, out, expected)
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert_close_for(torch.float64, a, b)
+
+
 def test_auto_picks_cpu_on_the_cpu_and_not_for_other_dtypes():
     x = torch.ones(1, 1, 1, 1)
     w = torch.ones(1, 1, 1, 1, 1)
@@ -251,6 +396,7 @@ _FALLBACK_SCRIPT = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 from involution import functional
+from involution import nn as involution_nn
 from involution.ops import dispatch
 x, w = torch.randn(1, 16, 6, 6), torch.randn(1, 1, 9, 6, 6)
 assert dispatch.choose_backend(x, w, "auto") == "torch"

@@ -11,11 +11,10 @@ import torch
 
 from involution import functional
 from involution import nn as nn_module
-from involution.functional import output_size, resolve_geometry
 from involution.ops import _library, dispatch, portable, span
 from involution.ops.dispatch import BACKENDS
 
-from conftest import assert_close_for
+from conftest import assert_close_for, composed_reference, make_fused_inputs
 
 FUSED = {
     1: functional.fused_involution1d,
@@ -35,35 +34,6 @@ CASES = [
     (1, 2, 6, 2, 3, (13,), 5, 2, 1),
     (3, 1, 4, 2, 2, (5, 6, 4), 3, 2, 1),
 ]
-
-
-def make_fused_inputs(case, dtype=torch.float64, bias=True, seed=0):
-    n, b, c, g, r, size, k, s, d = case
-    gen = torch.Generator().manual_seed(seed)
-    geometry = resolve_geometry(n, k, s, None, d)
-    out = output_size(size, *geometry)
-    taps = math.prod(geometry[0])
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    tensors = {
-        "input": rand(b, c, *size),
-        "features": rand(b, r, *out),
-        "weight": rand(g * taps, r) / math.sqrt(r),
-        "bias": rand(g * taps) if bias else None,
-    }
-    return tensors, {"kernel_size": k, "stride": s, "dilation": d}
-
-
-def composed_reference(n, input, features, weight, bias, kwargs):
-    """The definition, spelled out: a 1x1 convolution, then the reference involution."""
-    taps = math.prod(resolve_geometry(n, **kwargs)[0])
-    kernel = torch.einsum("kr,br...->bk...", weight, features)
-    if bias is not None:
-        kernel = kernel + bias.view(-1, *(1,) * n)
-    kernel = kernel.reshape(input.shape[0], -1, taps, *features.shape[2:])
-    return PLAIN[n](input, kernel, backend="reference", **kwargs)
 
 
 def _grads(out, tensors, grad_out):

@@ -51,7 +51,14 @@ FLAGS = (
     # GCC notes that 64-byte vector arguments changed ABI in GCC 4.6: internal functions only.
     "-Wno-psabi",
 )
-ENTRY_POINTS = ("involution_forward", "involution_grad_input", "involution_grad_kernel")
+ENTRY_POINTS = (
+    "involution_forward",
+    "involution_grad_input",
+    "involution_grad_kernel",
+    "involution_fused_forward",
+    "involution_fused_grad_input",
+    "involution_fused_grad_features",
+)
 # A build that has not finished by then has failed: the first call must not hang.
 _BUILD_TIMEOUT_S = 120
 
@@ -130,7 +137,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name in ENTRY_POINTS:
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        # (problem, fused operands or null, dtype code, first row, end row)
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ]
         fn.restype = ctypes.c_int
     return lib
 

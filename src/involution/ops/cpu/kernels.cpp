@@ -1,4 +1,6 @@
-// Involution on the CPU (Li et al., CVPR 2021, Eq. 4): forward, input gradient, kernel gradient.
+// Involution on the CPU (Li et al., CVPR 2021, Eq. 4): forward, input gradient, kernel gradient,
+// and the fused op's passes, which generate each pixel's kernel from its hidden features (the
+// span, Eq. 6) inside the kernels instead of reading a stored (B, G, K^n, *out) kernel map.
 //
 // Compiled on first use by build.py with the system C++ compiler (-O3 -march=native) and called
 // through ctypes. It includes no torch header and needs no C++ runtime (no exceptions, no new):
@@ -35,6 +37,13 @@
 // kernel * 0, so an infinite kernel value there gives NaN, as in the reference.
 //
 // Dtypes: float32, float64, and bfloat16 with float32 accumulation (one rounding at the end).
+//
+// The fused op. Forward and grad_input read kernel rows through a source (StoredKernel: a
+// tensor; GeneratedKernel: rows computed from the features on first use, a few rows per thread,
+// in the accumulation type). The backward through the generator (fused_grad_features) forms the
+// kernel's gradient one output row at a time and multiplies it straight back into the features'
+// and the span weight's gradients. The kernel map, its gradient and their memory traffic (three
+// times the input's size each, at 16 channels per group and K = 7) never exist.
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -173,6 +182,20 @@ struct Problem {
   int64_t kernel_size[3], stride[3], padding[3], dilation[3];
 };
 
+// The fused op's extra operands (kernels generated from features), filled by launch._fused.
+struct Fused {
+  const void* features;   // (B, R, OD, OH, OW), the hidden features on the output grid
+  const void* weight;     // (G * T, R), the span's weight
+  const void* bias;       // (G * T,), or null
+  void* grad_features;    // backward: (B, R, OD, OH, OW)
+  void* partials;         // backward: (chunks, G * T * (R + 1)) in the accumulation type
+  int64_t features_stride[6];
+  int64_t grad_features_stride[6];
+  int64_t weight_stride[2];
+  int64_t hidden;         // R
+  int64_t chunk_rows;     // backward: rows per chunk of partial sums
+};
+
 }  // extern "C"
 
 namespace {
@@ -265,6 +288,146 @@ class RowCache {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Small matrix products in the accumulation type, for the fused op's span and its gradients:
+//   C[p, c] = I[p, c] + sum_k A[p, k] * B[k, c],  p < n, c < N, k < K,
+// A[p, k] = a[p * ap + k * ak] (any strides, so A may be a transposed buffer), B[k, c] =
+// b[k * N + c] (packed), I[p, c] = init[p * ip + c] or 0 when init is null (ip = 0 broadcasts a
+// bias), C[p, c] = out[p * op + c * oc]. init may be out itself (accumulation in place: every
+// block reads its own values before writing them). Vectorized along c, P rows at a time.
+
+template <class S, class T, int LANES, int NV, int P>
+inline void product_block(const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
+                          const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
+  typedef Lanes<S, LANES> L;
+  typename L::V acc[P][NV];
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v)
+      acc[j][v] = init ? L::load(init + j * ip + v * LANES) : typename L::V{};
+  for (int64_t k = 0; k < K; ++k) {
+    typename L::V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = L::load(b + k * N + v * LANES);
+    for (int j = 0; j < P; ++j) {
+      const S x = a[j * ap + k * ak];
+      for (int v = 0; v < NV; ++v) acc[j][v] += x * bv[v];
+    }
+  }
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
+}
+
+// One block of LANES * NV columns from column c, for all n rows: B's panel of those columns stays
+// in L1 while the rows pass (B may be the whole span weight, larger than L2).
+template <class S, class T, int LANES, int NV>
+inline void product_columns(int64_t n, const S* a, int64_t ap, int64_t ak, const S* b, int64_t N,
+                            int64_t K, const S* init, int64_t ip, T* out, int64_t op, int64_t oc,
+                            int64_t c) {
+  // 6 rows of two float32 vectors: 12 accumulators, 2 loads of B and 6 broadcasts per 12 FMAs.
+  constexpr int P = sizeof(S) == 8 ? 2 : 6;
+  int64_t p = 0;
+  for (; p + P <= n; p += P)
+    product_block<S, T, LANES, NV, P>(a + p * ap, ap, ak, b + c, N, K,
+                                      init ? init + p * ip + c : nullptr, ip,
+                                      out + p * op + c * oc, op, oc);
+  for (; p < n; ++p)
+    product_block<S, T, LANES, NV, 1>(a + p * ap, ap, ak, b + c, N, K,
+                                      init ? init + p * ip + c : nullptr, ip,
+                                      out + p * op + c * oc, op, oc);
+}
+
+template <class S, class T>
+void product(int64_t n, const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
+             const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
+  int64_t c = 0;
+  for (; c + 16 <= N; c += 16)
+    product_columns<S, T, 8, 2>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
+  if (c + 8 <= N) {
+    product_columns<S, T, 8, 1>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
+    c += 8;
+  }
+  for (; c < N; ++c) product_columns<S, T, 1, 1>(n, a, ap, ak, b, N, K, init, ip, out, op, oc, c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where forward and grad_input read the kernel. row(b, d, h) points at the kernel of output row
+// (b, d, h); its value for group gi, tap t and column ow is at gi * group + t * tap + ow * pixel.
+
+// A kernel tensor (B, G, T, D, H, W), read where it lies.
+template <class T>
+struct StoredKernel {
+  typedef T Value;
+  const T* k;
+  const int64_t* ks;
+  int64_t group, tap, pixel;
+  StoredKernel(const T* k_, const int64_t* ks_)
+      : k(k_), ks(ks_), group(ks_[1]), tap(ks_[2]), pixel(ks_[5]) {}
+  bool ok() const { return true; }
+  const T* row(int64_t b, int64_t d, int64_t h) const {
+    return k + b * ks[0] + d * ks[3] + h * ks[4];
+  }
+};
+
+// Kernels generated from the features (the fused op; Li et al., CVPR 2021, Eq. 6): per pixel,
+// kernel[j] = bias[j] + sum_r weight[j, r] * features[r], j = gi * T + t. A row is computed on
+// first use into a ring of nd * nh slots (as in RowCache: the rows that one row of results reads
+// never evict each other), pixel-major (OW, G * T), in the accumulation type; the kernel is never
+// rounded to the storage type nor written to memory beyond this per-thread buffer.
+template <class S, class T>
+class GeneratedKernel {
+ public:
+  typedef S Value;
+  int64_t group, tap, pixel;
+
+  GeneratedKernel(const Problem& p, const Fused& f, int64_t nd, int64_t nh)
+      : group(0), tap(1), pixel(0), feat_((const T*)f.features), fs_(f.features_stride),
+        R_(f.hidden), OD_(p.out_size[0]), OH_(p.out_size[1]), OW_(p.out_size[2]), nd_(nd),
+        nh_(nh), GT_(0), wt_(nullptr), bias_(nullptr), fbuf_(nullptr), data_(nullptr),
+        tag_(nullptr) {
+    const int64_t taps = p.kernel_size[0] * p.kernel_size[1] * p.kernel_size[2];
+    GT_ = p.groups * taps;
+    group = taps;
+    pixel = GT_;
+    wt_ = (S*)malloc(sizeof(S) * (R_ * GT_ + GT_ + OW_ * R_ + nd * nh * OW_ * GT_));
+    tag_ = (int64_t*)malloc(sizeof(int64_t) * nd * nh);
+    if (!ok()) return;
+    bias_ = wt_ + R_ * GT_;
+    fbuf_ = bias_ + GT_;
+    data_ = fbuf_ + OW_ * R_;
+    const T* w = (const T*)f.weight;
+    const T* bias = (const T*)f.bias;
+    for (int64_t j = 0; j < GT_; ++j) {
+      for (int64_t r = 0; r < R_; ++r)
+        wt_[r * GT_ + j] = widen(w[j * f.weight_stride[0] + r * f.weight_stride[1]]);
+      bias_[j] = bias ? widen(bias[j]) : S(0);
+    }
+    for (int64_t i = 0; i < nd * nh; ++i) tag_[i] = -1;
+  }
+  GeneratedKernel(const GeneratedKernel&) = delete;
+  GeneratedKernel& operator=(const GeneratedKernel&) = delete;
+  ~GeneratedKernel() {
+    free(wt_);
+    free(tag_);
+  }
+  bool ok() const { return wt_ && tag_; }
+
+  const S* row(int64_t b, int64_t d, int64_t h) {
+    const int64_t slot = (d % nd_) * nh_ + h % nh_, key = (b * OD_ + d) * OH_ + h;
+    S* dst = data_ + slot * OW_ * GT_;
+    if (tag_[slot] == key) return dst;
+    tag_[slot] = key;
+    pack_pixels(feat_ + b * fs_[0] + d * fs_[2] + h * fs_[3], fs_[4], fs_[1], OW_, R_, fbuf_);
+    product(OW_, fbuf_, R_, 1, wt_, GT_, R_, bias_, 0, dst, GT_, 1);
+    return dst;
+  }
+
+ private:
+  const T* feat_;
+  const int64_t* fs_;
+  int64_t R_, OD_, OH_, OW_, nd_, nh_, GT_;
+  S *wt_, *bias_, *fbuf_, *data_;
+  int64_t* tag_;
+};
+
+// ---------------------------------------------------------------------------------------------
 // forward: out[b, c, o] = sum_t kernel[b, g(c), t, o] * input[b, c, o * s - p + tap_t * d]
 
 // P output pixels, one block of LANES * NV channels. rows[r] + xo: the cached input row of tap
@@ -272,9 +435,9 @@ class RowCache {
 // step between the pixels, xw: step between taps. k[ko]: the first pixel's kernel at tap 0, kt
 // its tap stride, kp the step between pixels. out: the first pixel's block; op: step between
 // pixels; oc: channel stride.
-template <class S, class T, int LANES, int NV, int P>
+template <class S, class T, class K, int LANES, int NV, int P>
 inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64_t xp,
-                          int64_t xw, int64_t KW, const T* k, int64_t ko, int64_t kt, int64_t kp,
+                          int64_t xw, int64_t KW, const K* k, int64_t ko, int64_t kt, int64_t kp,
                           T* out, int64_t op, int64_t oc) {
   typedef Lanes<S, LANES> L;
   typename L::V acc[P][NV];
@@ -282,7 +445,7 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
     for (int v = 0; v < NV; ++v) acc[j][v] = typename L::V{};
   for (int64_t r = 0; r < nrows; ++r) {
     const S* xr = rows[r] + xo;
-    const T* kr = k + ko + r * KW * kt;
+    const K* kr = k + ko + r * KW * kt;
     for (int64_t kw = 0; kw < KW; ++kw) {
       for (int j = 0; j < P; ++j) {
         const S w = widen(kr[kw * kt + j * kp]);
@@ -296,22 +459,22 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
 }
 
 // The channel blocks of one group: 16 channels at a time, then 8, then one by one.
-template <class S, class T, int P>
+template <class S, class T, class K, int P>
 inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int64_t xp,
-                           int64_t xw, int64_t KW, int64_t cg, const T* k, int64_t ko,
+                           int64_t xw, int64_t KW, int64_t cg, const K* k, int64_t ko,
                            int64_t kt, int64_t kp, T* out, int64_t op, int64_t oc) {
   int64_t c = 0;
   for (; c + 16 <= cg; c += 16)
-    forward_block<S, T, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
-                                 op, oc);
+    forward_block<S, T, K, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
+                                    out + c * oc, op, oc);
   if (c + 8 <= cg) {
-    forward_block<S, T, 8, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
-                                 op, oc);
+    forward_block<S, T, K, 8, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
+                                    out + c * oc, op, oc);
     c += 8;
   }
   for (; c < cg; ++c)
-    forward_block<S, T, 1, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp, out + c * oc,
-                                 op, oc);
+    forward_block<S, T, K, 1, 1, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
+                                    out + c * oc, op, oc);
 }
 
 // Calls unit(row, gi) for every row in [row_begin, row_end) and every group gi. Rows outside,
@@ -341,33 +504,34 @@ void input_rows(RowCache<S, T>& cache, const Geometry& g, int64_t gi, int64_t b,
           cache.row(gi, b, od * g.SD - g.PD + kd * g.DD, oh * g.SH - g.PH + kh * g.DH);
 }
 
-template <class T>
-int forward(const Problem& p, int64_t row_begin, int64_t row_end) {
+template <class T, class Kernel>
+int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end) {
   typedef typename Acc<T>::S S;
+  typedef typename Kernel::Value K;
   constexpr int P = pixels<S>();
   const Geometry g(p);
-  const T* k = (const T*)p.b;
-  const int64_t *ks = p.b_stride, *os = p.out_stride;
+  const int64_t* os = p.out_stride;
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
   const int64_t nrows = g.KD * g.KH;
   const S** rows = (const S**)malloc(sizeof(S*) * nrows);
-  if (!cache.ok() || !rows) {
+  if (!cache.ok() || !kernel.ok() || !rows) {
     free(rows);
     return -1;
   }
   const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg;
   for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    const int64_t ko = b * ks[0] + gi * ks[1] + od * ks[3] + oh * ks[4];
+    const K* k = kernel.row(b, od, oh) + gi * kernel.group;
+    const int64_t kt = kernel.tap, kp = kernel.pixel;
     input_rows(cache, g, gi, b, od, oh, rows);
     T* o = (T*)p.out + b * os[0] + od * os[2] + oh * os[3] + gi * g.cg * os[1];
     int64_t ow = 0;
     for (; ow + P <= g.OW; ow += P)
-      forward_pixels<S, T, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ko + ow * ks[5],
-                              ks[2], ks[5], o + ow * os[4], os[4], os[1]);
+      forward_pixels<S, T, K, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
+                                 o + ow * os[4], os[4], os[1]);
     for (; ow < g.OW; ++ow)
-      forward_pixels<S, T, 1>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ko + ow * ks[5],
-                              ks[2], ks[5], o + ow * os[4], os[4], os[1]);
+      forward_pixels<S, T, K, 1>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
+                                 o + ow * os[4], os[4], os[1]);
   });
   free(rows);
   return 0;
@@ -530,25 +694,28 @@ inline int64_t taps_reaching(int64_t i, int64_t out_size, int64_t k, int64_t s, 
   return n;
 }
 
-template <class T>
-int grad_input(const Problem& p, int64_t row_begin, int64_t row_end) {
+// The slots of output rows (in depth, in height) that one input row reads: the rows of
+// grad_out and, in the fused op, of the generated kernel.
+inline int64_t reaching_rows(int64_t K, int64_t D, int64_t S) { return (K - 1) * D / S + 1; }
+
+template <class T, class Kernel>
+int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end) {
   typedef typename Acc<T>::S S;
   constexpr int P = pixels<S>();
   const Geometry g(p);
-  const T* k = (const T*)p.b;
-  const int64_t *ks = p.b_stride, *os = p.out_stride;
+  const int64_t* os = p.out_stride;
   // Output columns o_lo + m, m < width, cover every tap of every input column.
   const int64_t o_lo = floor_div(g.PW - (g.KW - 1) * g.DW, g.SW);
   const int64_t width = floor_div(g.IW - 1 + g.PW, g.SW) - o_lo + 1;
   const int64_t m_lo = clamp(-o_lo, 0, width), m_hi = clamp(g.OW - o_lo, m_lo, width);
   RowCache<S, T> cache((const T*)p.a, p.a_stride, g.G, g.OD, g.OH, g.OW, g.cg, o_lo, width,
-                       (g.KD - 1) * g.DD / g.SD + 1, (g.KH - 1) * g.DH / g.SH + 1);
+                       reaching_rows(g.KD, g.DD, g.SD), reaching_rows(g.KH, g.DH, g.SH));
   const int64_t max_rows = g.KD * g.KH;
   S* kbuf = (S*)malloc(sizeof(S) * max_rows * width * g.KW);
   const S** grows = (const S**)malloc(sizeof(S*) * max_rows);
   int64_t* table = (int64_t*)malloc(sizeof(int64_t) * 2 * (g.KD + g.KH));
   Reach* reach = (Reach*)malloc(sizeof(Reach) * g.SW);
-  if (!cache.ok() || !kbuf || !grows || !table || !reach) {
+  if (!cache.ok() || !kernel.ok() || !kbuf || !grows || !table || !reach) {
     free(kbuf);
     free(grows);
     free(table);
@@ -586,10 +753,10 @@ int grad_input(const Problem& p, int64_t row_begin, int64_t row_end) {
           S* kr = kbuf + r * width * g.KW;
           memset(kr, 0, sizeof(S) * m_lo * g.KW);
           memset(kr + m_hi * g.KW, 0, sizeof(S) * (width - m_hi) * g.KW);
-          const T* from = k + b * ks[0] + gi * ks[1] +
-                          (d_tap[a] * g.KH + h_tap[f]) * g.KW * ks[2] + d_out[a] * ks[3] +
-                          h_out[f] * ks[4] + (o_lo + m_lo) * ks[5];
-          pack_pixels(from, ks[5], ks[2], m_hi - m_lo, g.KW, kr + m_lo * g.KW);
+          const auto* from = kernel.row(b, d_out[a], h_out[f]) + gi * kernel.group +
+                             (d_tap[a] * g.KH + h_tap[f]) * g.KW * kernel.tap +
+                             (o_lo + m_lo) * kernel.pixel;
+          pack_pixels(from, kernel.pixel, kernel.tap, m_hi - m_lo, g.KW, kr + m_lo * g.KW);
         }
       }
       T* o_g = o_row + gi * g.cg * os[1];
@@ -616,42 +783,157 @@ int grad_input(const Problem& p, int64_t row_begin, int64_t row_end) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fused op's backward through the generator, one output row (b, d, h) at a time:
+//   dk[ow, j]           = sum_{c in g} grad_out[b, c, o] * input[b, c, o * s - p + tap_t * d]
+//   grad_features[r, o] = sum_j dk[ow, j] * weight[j, r]
+//   grad_weight[j, r]  += sum_ow dk[ow, j] * features[r, o],   grad_bias[j] += sum_ow dk[ow, j]
+// with j = gi * T + t. dk (the kernel's gradient) lives in a per-thread row buffer only. The
+// weight and bias gradients are summed per chunk of chunk_rows rows into that chunk's partial
+// sums (partials + chunk * G * T * (R + 1): grad_weight (G * T, R), then grad_bias); the caller
+// hands each thread whole chunks and adds the chunks up in order, so the sums do not depend on
+// the thread count.
+template <class T>
+int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int64_t row_end) {
+  typedef typename Acc<T>::S S;
+  const Geometry g(p);
+  const T* go = (const T*)p.b;
+  const T* feat = (const T*)f.features;
+  const int64_t *gs = p.b_stride, *fs = f.features_stride, *ds = f.grad_features_stride;
+  const int64_t R = f.hidden, taps = g.KD * g.KH * g.KW, GT = g.G * taps;
+  RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
+  const int64_t nrows = g.KD * g.KH, padded = (taps + 7) / 8 * 8;
+  const S** rows = (const S**)malloc(sizeof(S*) * (nrows + padded));
+  S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (GT + R)));
+  if (!cache.ok() || !rows || !buf) {
+    free(rows);
+    free(buf);
+    return -1;
+  }
+  const S** tap = rows + nrows;
+  for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
+  S *gl = buf, *w = gl + g.cg, *dk = w + GT * R, *fbuf = dk + g.OW * GT;
+  const T* wsrc = (const T*)f.weight;
+  for (int64_t j = 0; j < GT; ++j)
+    for (int64_t r = 0; r < R; ++r)
+      w[j * R + r] = widen(wsrc[j * f.weight_stride[0] + r * f.weight_stride[1]]);
+  const int64_t xp = g.SW * g.cg;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const T* g_row = go + b * gs[0] + od * gs[2] + oh * gs[3] + gi * g.cg * gs[1];
+      input_rows(cache, g, gi, b, od, oh, rows);
+      for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
+        S* o = dk + ow * GT + gi * taps;
+        if (g.cg == 16) {
+          grad_kernel_pixel<S, S, 2>(tap, ow * xp, taps, g.cg, gl, o, 1);
+        } else if (g.cg == 8) {
+          grad_kernel_pixel<S, S, 1>(tap, ow * xp, taps, g.cg, gl, o, 1);
+        } else {
+          grad_kernel_pixel<S, S, 0>(tap, ow * xp, taps, g.cg, gl, o, 1);
+        }
+      }
+    }
+    pack_pixels(feat + b * fs[0] + od * fs[2] + oh * fs[3], fs[4], fs[1], g.OW, R, fbuf);
+    T* df = (T*)f.grad_features + b * ds[0] + od * ds[2] + oh * ds[3];
+    product(g.OW, dk, GT, 1, w, R, GT, (const S*)nullptr, 0, df, ds[4], ds[1]);
+    S* dw = (S*)f.partials + row / f.chunk_rows * GT * (R + 1);
+    S* db = dw + GT * R;
+    product(GT, dk, 1, GT, fbuf, R, g.OW, dw, R, dw, R, 1);
+    for (int64_t ow = 0; ow < g.OW; ++ow)
+      for (int64_t j = 0; j < GT; ++j) db[j] += dk[ow * GT + j];
+  }
+  free(rows);
+  free(buf);
+  return 0;
+}
+
+// The passes by entry point; f is null for the unfused ones.
 template <class T> struct Forward {
-  static int run(const Problem& p, int64_t a, int64_t b) { return forward<T>(p, a, b); }
+  static int run(const Problem& p, const Fused*, int64_t a, int64_t b) {
+    StoredKernel<T> kernel((const T*)p.b, p.b_stride);
+    return forward<T>(p, kernel, a, b);
+  }
 };
 template <class T> struct GradInput {
-  static int run(const Problem& p, int64_t a, int64_t b) { return grad_input<T>(p, a, b); }
+  static int run(const Problem& p, const Fused*, int64_t a, int64_t b) {
+    StoredKernel<T> kernel((const T*)p.b, p.b_stride);
+    return grad_input<T>(p, kernel, a, b);
+  }
 };
 template <class T> struct GradKernel {
-  static int run(const Problem& p, int64_t a, int64_t b) { return grad_kernel<T>(p, a, b); }
+  static int run(const Problem& p, const Fused*, int64_t a, int64_t b) {
+    return grad_kernel<T>(p, a, b);
+  }
+};
+template <class T> struct FusedForward {
+  static int run(const Problem& p, const Fused* f, int64_t a, int64_t b) {
+    GeneratedKernel<typename Acc<T>::S, T> kernel(p, *f, 1, 1);
+    return forward<T>(p, kernel, a, b);
+  }
+};
+template <class T> struct FusedGradInput {
+  static int run(const Problem& p, const Fused* f, int64_t a, int64_t b) {
+    const Geometry g(p);
+    GeneratedKernel<typename Acc<T>::S, T> kernel(p, *f, reaching_rows(g.KD, g.DD, g.SD),
+                                                  reaching_rows(g.KH, g.DH, g.SH));
+    return grad_input<T>(p, kernel, a, b);
+  }
+};
+template <class T> struct FusedGradFeatures {
+  static int run(const Problem& p, const Fused* f, int64_t a, int64_t b) {
+    return fused_grad_features<T>(p, *f, a, b);
+  }
 };
 
 template <template <class> class Pass>
-int run(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
+int run(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int64_t row_end) {
   switch (dtype) {
-    case 0: return Pass<float>::run(*p, row_begin, row_end);
-    case 1: return Pass<double>::run(*p, row_begin, row_end);
-    case 2: return Pass<bf16>::run(*p, row_begin, row_end);
+    case 0: return Pass<float>::run(*p, f, row_begin, row_end);
+    case 1: return Pass<double>::run(*p, f, row_begin, row_end);
+    case 2: return Pass<bf16>::run(*p, f, row_begin, row_end);
     default: return -2;
   }
 }
 
 }  // namespace
 
-// Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. Returns 0; -1 when scratch memory
-// could not be allocated; -2 for an unknown dtype.
+// Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. f: the fused op's operands (null for
+// the unfused passes). Returns 0; -1 when scratch memory could not be allocated; -2 for an
+// unknown dtype.
 extern "C" {
 
-int involution_forward(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
-  return run<Forward>(p, dtype, row_begin, row_end);
+int involution_forward(const Problem* p, const Fused* f, int dtype, int64_t begin, int64_t end) {
+  return run<Forward>(p, f, dtype, begin, end);
 }
 
-int involution_grad_input(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
-  return run<GradInput>(p, dtype, row_begin, row_end);
+int involution_grad_input(const Problem* p, const Fused* f, int dtype, int64_t begin,
+                          int64_t end) {
+  return run<GradInput>(p, f, dtype, begin, end);
 }
 
-int involution_grad_kernel(const Problem* p, int dtype, int64_t row_begin, int64_t row_end) {
-  return run<GradKernel>(p, dtype, row_begin, row_end);
+int involution_grad_kernel(const Problem* p, const Fused* f, int dtype, int64_t begin,
+                           int64_t end) {
+  return run<GradKernel>(p, f, dtype, begin, end);
+}
+
+// The fused op: forward; backward = grad_input (the kernel regenerated) + grad_features (the
+// kernel's gradient taken back through the generator).
+int involution_fused_forward(const Problem* p, const Fused* f, int dtype, int64_t begin,
+                             int64_t end) {
+  return run<FusedForward>(p, f, dtype, begin, end);
+}
+
+int involution_fused_grad_input(const Problem* p, const Fused* f, int dtype, int64_t begin,
+                                int64_t end) {
+  return run<FusedGradInput>(p, f, dtype, begin, end);
+}
+
+int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, int64_t begin,
+                                   int64_t end) {
+  return run<FusedGradFeatures>(p, f, dtype, begin, end);
 }
 
 }  // extern "C"

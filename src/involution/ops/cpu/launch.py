@@ -1,19 +1,24 @@
 """Host side of the CPU backend: allocation, strides, the thread split and the backend interface.
 
-``forward``, ``grad_input`` and ``grad_kernel`` have the signatures of ``ops/portable.py``. The
-kernels (``kernels.cpp``) are three-dimensional; a 1D or 2D problem is passed as a 3D one whose
-leading spatial dimensions have size 1 (kernel size 1, stride 1, padding 0, dilation 1).
+``forward``, ``grad_input`` and ``grad_kernel`` have the signatures of ``ops/portable.py``;
+``fused_forward`` and ``fused_backward`` are the fused op's native passes (``ops/_library.py``),
+which generate each row's kernel from the features inside the kernels instead of reading a stored
+kernel map. The kernels (``kernels.cpp``) are three-dimensional; a 1D or 2D problem is passed as
+a 3D one whose leading spatial dimensions have size 1 (kernel size 1, stride 1, padding 0,
+dilation 1).
 
 Results are allocated in the layout the op returns (``ops/layout.py``), and the kernels write
-them where they lie. The operand each kernel reads at every tap (the input, or grad_out in
-grad_input) needs its channels contiguous: a channels-last tensor is read in place, any other
-is copied to channels-last first (the cost of NCHW; see BENCHMARKS.md). Kernels and the other
-operands are read with their own strides, whatever they are.
+them where they lie. Every operand is read with its own strides: the operand read at every tap
+(the input, or grad_out in grad_input) is copied row by row into a per-thread buffer with its
+channels innermost, contiguous runs for a channels-last tensor and a transpose for an NCHW one
+(the cost of NCHW; see BENCHMARKS.md).
 
 Threads: the rows of the result (one (batch, depth, height) line each) are cut into
 ``torch.get_num_threads()`` contiguous ranges, one per thread of a small pool; ctypes releases
 the GIL for the duration of each call. Each result element is computed by one thread in a
-fixed order, so the results do not depend on the number of threads.
+fixed order, so the results do not depend on the number of threads; the fused backward's weight
+and bias gradients are summed per chunk of rows that depend on the shapes alone, then the chunks
+in order.
 """
 
 from __future__ import annotations
@@ -56,12 +61,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _strides(t: torch.Tensor | None, leading: int) -> list[int]:
+    """6 stride slots of a tensor with ``leading`` non-spatial dimensions, padded to 3D (zeros)."""
+    if t is None:
+        return [0] * 6
+    s = t.stride()
+    pad = [0] * (leading + 3 - t.dim())
+    return [*s[:leading], *pad, *s[leading:], *([0] * (3 - leading))]
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _problem(
     a: torch.Tensor,
     a_leading: int,
-    b: torch.Tensor,
+    b: torch.Tensor | None,
     b_leading: int,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     out_leading: int,
     channels: int,
     groups: int,
@@ -72,25 +90,21 @@ def _problem(
     """The ``Problem`` struct of ``kernels.cpp`` (42 int64 fields), 1D/2D padded to 3D.
 
     ``*_leading`` is the number of non-spatial dimensions of each tensor: 2 for (B, C, *spatial)
-    features, 3 for (B, G, T, *spatial) kernels; each gets 6 stride slots.
+    features, 3 for (B, G, T, *spatial) kernels; each gets 6 stride slots. ``b`` and ``out`` are
+    None where a fused pass has no such tensor.
     """
     pad = 3 - len(in_size)
     ones, zeros = [1] * pad, [0] * pad
-
-    def strides(t: torch.Tensor, leading: int) -> list[int]:
-        s = t.stride()
-        return [*s[:leading], *zeros, *s[leading:], *([0] * (3 - leading))]
-
     kernel_size, stride, padding, dilation = geometry
     return array.array(
         "q",
         [
             a.data_ptr(),
-            b.data_ptr(),
-            out.data_ptr(),
-            *strides(a, a_leading),
-            *strides(b, b_leading),
-            *strides(out, out_leading),
+            _address(b),
+            _address(out),
+            *_strides(a, a_leading),
+            *_strides(b, b_leading),
+            *_strides(out, out_leading),
             a.shape[0],
             channels,
             groups,
@@ -110,17 +124,29 @@ def _problem(
     )
 
 
-def _run(entry: str, problem: array.array, dtype: torch.dtype, rows: int, macs: int) -> None:
-    """Calls kernel ``entry`` on ``rows`` result rows, split among threads."""
+def _run(
+    entry: str,
+    problem: array.array,
+    dtype: torch.dtype,
+    rows: int,
+    macs: int,
+    fused: array.array | None = None,
+    unit: int = 1,
+) -> None:
+    """Calls kernel ``entry`` on ``rows`` result rows, split among threads in whole ``unit``s."""
     fn = getattr(library(), entry)
     code = DTYPES[dtype]
     address = problem.buffer_info()[0]
-    threads = max(1, min(torch.get_num_threads(), rows, macs // _MIN_MACS_PER_THREAD))
-    bounds = [rows * i // threads for i in range(threads + 1)]
+    fused_address = 0 if fused is None else fused.buffer_info()[0]
+    units = -(-rows // unit)
+    threads = max(1, min(torch.get_num_threads(), units, macs // _MIN_MACS_PER_THREAD))
+    bounds = [min(rows, units * i // threads * unit) for i in range(threads + 1)]
     futures = [
-        _executor().submit(fn, address, code, bounds[i], bounds[i + 1]) for i in range(1, threads)
+        _executor().submit(fn, address, fused_address, code, bounds[i], bounds[i + 1])
+        for i in range(1, threads)
     ]
-    codes = [fn(address, code, bounds[0], bounds[1])] + [f.result() for f in futures]
+    codes = [fn(address, fused_address, code, bounds[0], bounds[1])]
+    codes += [f.result() for f in futures]
     if any(c != 0 for c in codes):
         raise MemoryError(f"involution CPU kernel {entry} could not allocate its scratch memory")
 
@@ -208,3 +234,144 @@ def grad_kernel(
         rows = batch * math.prod(out_size[:-1])
         _run("involution_grad_kernel", problem, grad.dtype, rows, grad_out.numel() * shape[2])
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused op (``ops/_library.py``): the kernel is generated per output row from the features
+# inside the kernels and never stored (see kernels.cpp).
+
+# Partial sums of grad_weight and grad_bias: at most this many chunks of rows, and at most about
+# this many values in all. The chunks depend on the shapes alone, so the sums do not depend on
+# the thread count; a thread gets whole chunks.
+_MAX_CHUNKS = 64
+_MAX_PARTIAL_VALUES = 1 << 22
+
+
+def _fused(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_features: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None,
+    chunk_rows: int = 1,
+) -> array.array:
+    """The ``Fused`` struct of ``kernels.cpp`` (21 int64 fields)."""
+    return array.array(
+        "q",
+        [
+            features.data_ptr(),
+            weight.data_ptr(),
+            _address(bias),
+            _address(grad_features),
+            _address(partials),
+            *_strides(features, 2),
+            *_strides(grad_features, 2),
+            *weight.stride(),
+            features.shape[1],
+            chunk_rows,
+        ],
+    )
+
+
+def fused_forward(
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """Involution of ``input`` with kernels generated from ``features`` by the span.
+
+    Args:
+        input: (B, C, *spatial).
+        features: (B, R, *out), the hidden features at each output pixel.
+        weight: (G * T, R), the span's weight; T = K^n taps.
+        bias: (G * T,), or None.
+        kernel_size, stride, padding, dilation: n ints each.
+
+    Returns:
+        (B, C, *out) in the input's memory format.
+    """
+    batch, channels = input.shape[:2]
+    out_size = tuple(features.shape[2:])
+    out = layout.empty((batch, channels, *out_size), input)
+    if out.numel():
+        taps = math.prod(kernel_size)
+        groups = weight.shape[0] // taps
+        geometry = (kernel_size, stride, padding, dilation)
+        problem = _problem(
+            input, 2, None, 3, out, 2, channels, groups, input.shape[2:], out_size, geometry
+        )
+        rows = batch * math.prod(out_size[:-1])
+        macs = out.numel() * taps + features.numel() * weight.shape[0]
+        _run(
+            "involution_fused_forward",
+            problem,
+            out.dtype,
+            rows,
+            macs,
+            _fused(features, weight, bias),
+        )
+    return out
+
+
+def fused_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`fused_forward` for input, features, weight and bias.
+
+    Two passes, neither of which stores the kernel or its gradient: grad_input regenerates the
+    kernel rows it reads; grad_features forms the kernel's gradient row by row and takes it back
+    through the span, summing grad_weight and grad_bias per chunk of rows.
+
+    Returns:
+        ``(grad_input, grad_features, grad_weight (G * T, R), grad_bias (G * T,))``; grad_input
+        in the input's memory format, grad_features in the features'. grad_bias is computed even
+        when ``bias`` is None (the op drops it).
+    """
+    batch, channels = input.shape[:2]
+    out_size = tuple(grad_out.shape[2:])
+    taps = math.prod(kernel_size)
+    groups, hidden = weight.shape[0] // taps, weight.shape[1]
+    geometry = (kernel_size, stride, padding, dilation)
+    grad_input = layout.empty(input.shape, input)
+    grad_features = layout.empty(features.shape, features)
+    if not grad_out.numel():
+        grad_input.zero_()
+        grad_features.zero_()
+        grad_weight = torch.zeros_like(weight)
+        return grad_input, grad_features, grad_weight, grad_weight.new_zeros(weight.shape[0])
+    fused = _fused(features, weight, bias)
+    problem = _problem(
+        grad_out, 2, None, 3, grad_input, 2, channels, groups, input.shape[2:], out_size, geometry
+    )
+    macs = grad_out.numel() * taps + features.numel() * weight.shape[0]
+    rows = batch * math.prod(input.shape[2:-1])
+    _run("involution_fused_grad_input", problem, input.dtype, rows, macs, fused)
+
+    values = weight.shape[0] * (hidden + 1)
+    rows = batch * math.prod(out_size[:-1])
+    chunks = max(1, min(rows, _MAX_CHUNKS, _MAX_PARTIAL_VALUES // values))
+    chunk_rows = -(-rows // chunks)
+    accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
+    partials = torch.zeros((-(-rows // chunk_rows), values), dtype=accumulate)
+    fused = _fused(features, weight, bias, grad_features, partials, chunk_rows)
+    problem = _problem(
+        input, 2, grad_out, 2, None, 2, channels, groups, input.shape[2:], out_size, geometry
+    )
+    _run("involution_fused_grad_features", problem, input.dtype, rows, 2 * macs, fused, chunk_rows)
+    # Chunks added in order: the same sums whatever the thread count.
+    split = weight.shape[0] * hidden
+    grad_weight = partials[:, :split].sum(0).to(weight.dtype).view(weight.shape[0], hidden)
+    return grad_input, grad_features, grad_weight, partials[:, split:].sum(0).to(weight.dtype)
