@@ -790,9 +790,9 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
 //   grad_weight[j, r]  += sum_ow dk[ow, j] * features[r, o],   grad_bias[j] += sum_ow dk[ow, j]
 // with j = gi * T + t. dk (the kernel's gradient) lives in a per-thread row buffer only. The
 // weight and bias gradients are summed per chunk of chunk_rows rows into that chunk's partial
-// sums (partials + chunk * G * T * (R + 1): grad_weight (G * T, R), then grad_bias); the caller
-// hands each thread whole chunks and adds the chunks up in order, so the sums do not depend on
-// the thread count.
+// sums (partials + chunk * G * T * (R + 1): grad_weight transposed, (R, G * T), then grad_bias);
+// the caller hands each thread whole chunks and adds the chunks up in order, so the sums do not
+// depend on the thread count.
 template <class T>
 int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int64_t row_end) {
   typedef typename Acc<T>::S S;
@@ -804,7 +804,7 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
   const int64_t nrows = g.KD * g.KH, padded = (taps + 7) / 8 * 8;
   const S** rows = (const S**)malloc(sizeof(S*) * (nrows + padded));
-  S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (GT + R)));
+  S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
   if (!cache.ok() || !rows || !buf) {
     free(rows);
     free(buf);
@@ -812,7 +812,7 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   }
   const S** tap = rows + nrows;
   for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
-  S *gl = buf, *w = gl + g.cg, *dk = w + GT * R, *fbuf = dk + g.OW * GT;
+  S *gl = buf, *w = gl + g.cg, *dk = w + GT * R, *fbuf = dk + g.OW * GT, *dkt = fbuf + g.OW * R;
   const T* wsrc = (const T*)f.weight;
   for (int64_t j = 0; j < GT; ++j)
     for (int64_t r = 0; r < R; ++r)
@@ -838,10 +838,19 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
     }
     pack_pixels(feat + b * fs[0] + od * fs[2] + oh * fs[3], fs[4], fs[1], g.OW, R, fbuf);
     T* df = (T*)f.grad_features + b * ds[0] + od * ds[2] + oh * ds[3];
-    product(g.OW, dk, GT, 1, w, R, GT, (const S*)nullptr, 0, df, ds[4], ds[1]);
+    // Each product is vectorized along its longer side: grad_features along the R features
+    // when there are 8 or more, else along the pixels (from dk transposed: (G * T, OW)).
+    if (R >= 8) {
+      product(g.OW, dk, GT, 1, w, R, GT, (const S*)nullptr, 0, df, ds[4], ds[1]);
+    } else {
+      for (int64_t ow = 0; ow < g.OW; ++ow)
+        for (int64_t j = 0; j < GT; ++j) dkt[j * g.OW + ow] = dk[ow * GT + j];
+      product(R, w, 1, R, dkt, g.OW, GT, (const S*)nullptr, 0, df, ds[1], ds[4]);
+    }
+    // grad_weight transposed, (R, G * T), along the G * T kernel values.
     S* dw = (S*)f.partials + row / f.chunk_rows * GT * (R + 1);
     S* db = dw + GT * R;
-    product(GT, dk, 1, GT, fbuf, R, g.OW, dw, R, dw, R, 1);
+    product(R, fbuf, 1, R, dk, GT, g.OW, dw, GT, dw, GT, 1);
     for (int64_t ow = 0; ow < g.OW; ++ow)
       for (int64_t j = 0; j < GT; ++j) db[j] += dk[ow * GT + j];
   }

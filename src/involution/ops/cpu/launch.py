@@ -373,5 +373,7 @@ def fused_backward(
     _run("involution_fused_grad_features", problem, input.dtype, rows, 2 * macs, fused, chunk_rows)
     # Chunks added in order: the same sums whatever the thread count.
     split = weight.shape[0] * hidden
-    grad_weight = partials[:, :split].sum(0).to(weight.dtype).view(weight.shape[0], hidden)
+    # The kernels sum grad_weight transposed, (R, G * T).
+    grad_weight = partials[:, :split].sum(0).view(hidden, weight.shape[0]).t().contiguous()
+    grad_weight = grad_weight.to(weight.dtype)
     return grad_input, grad_features, grad_weight, partials[:, split:].sum(0).to(weight.dtype)
