@@ -342,11 +342,12 @@ def test_fused_deterministic_and_independent_of_the_thread_count():
 def test_fused_many_chunks_match_composition():
     case = (2, 2, 32, 2, 20, (40, 9), 5, 1, 1)
     tensors, kwargs = make_fused_inputs(case)
+    previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         out, grads, grad_out = _fused_grads(2, tensors, kwargs)
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(previous)
     leaves = [t.requires_grad_() for t in tensors.values()]
     ref = composed_reference(2, *leaves, kwargs)
     for grad, expected in zip(

@@ -352,25 +352,32 @@ def fused_backward(
         grad_features.zero_()
         grad_weight = torch.zeros_like(weight)
         return grad_input, grad_features, grad_weight, grad_weight.new_zeros(weight.shape[0])
-    fused = _fused(features, weight, bias)
+    values = weight.shape[0] * (hidden + 1)
+    out_rows = batch * math.prod(out_size[:-1])
+    chunks = max(1, min(out_rows, _MAX_CHUNKS, _MAX_PARTIAL_VALUES // values))
+    chunk_rows = -(-out_rows // chunks)
+    accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
+    partials = torch.zeros((-(-out_rows // chunk_rows), values), dtype=accumulate)
+    fused = _fused(features, weight, bias, grad_features, partials, chunk_rows)
+    macs = grad_out.numel() * taps + features.numel() * weight.shape[0]
+
     problem = _problem(
         grad_out, 2, None, 3, grad_input, 2, channels, groups, input.shape[2:], out_size, geometry
     )
-    macs = grad_out.numel() * taps + features.numel() * weight.shape[0]
-    rows = batch * math.prod(input.shape[2:-1])
-    _run("involution_fused_grad_input", problem, input.dtype, rows, macs, fused)
-
-    values = weight.shape[0] * (hidden + 1)
-    rows = batch * math.prod(out_size[:-1])
-    chunks = max(1, min(rows, _MAX_CHUNKS, _MAX_PARTIAL_VALUES // values))
-    chunk_rows = -(-rows // chunks)
-    accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
-    partials = torch.zeros((-(-rows // chunk_rows), values), dtype=accumulate)
-    fused = _fused(features, weight, bias, grad_features, partials, chunk_rows)
+    in_rows = batch * math.prod(input.shape[2:-1])
+    _run("involution_fused_grad_input", problem, input.dtype, in_rows, macs, fused)
     problem = _problem(
         input, 2, grad_out, 2, None, 2, channels, groups, input.shape[2:], out_size, geometry
     )
-    _run("involution_fused_grad_features", problem, input.dtype, rows, 2 * macs, fused, chunk_rows)
+    _run(
+        "involution_fused_grad_features",
+        problem,
+        input.dtype,
+        out_rows,
+        2 * macs,
+        fused,
+        chunk_rows,
+    )
     # Chunks added in order: the same sums whatever the thread count.
     split = weight.shape[0] * hidden
     # The kernels sum grad_weight transposed, (R, G * T).
