@@ -24,6 +24,13 @@ measures a first use and the others reuse what it compiled. Steps, in order:
     ``involution bench model --models rednet50 resnet50 --device cuda --batch-size 128 --amp
     --channels-last`` without and with ``--compile``: training and inference images per second
     and peak memory; the ratios RedNet / ResNet.
+``fusion``
+    Whether RedNet-50's layers should run the fused op on CUDA: RedNet-50 with the fused Triton
+    passes (the layers' default) and with the composition (span convolution, kernel stored,
+    plain Triton involution), and ResNet-50, trained (batch 128, bfloat16 autocast,
+    channels_last) in alternating rounds: images per second per round, peak memory, and the
+    GPU time per step (the kernels' self CUDA time in ``torch.profiler`` over three steps).
+    Where the GPU time is well below the step time, the step is bound by the host.
 ``rule``
     Checks the launcher's strip-length rule (``ops/triton/launch.py``): forward+backward ms of
     each layer with ROWS forced to each length the rule may pick.
@@ -40,6 +47,7 @@ them as two, into two output folders):
     PYTHONPATH=src python benchmarks/bench_gpu.py --out-dir bench-out
     PYTHONPATH=src python benchmarks/bench_gpu.py --steps first-step layers latency rule --out-dir a
     PYTHONPATH=src python benchmarks/bench_gpu.py --steps model model-compile --out-dir b
+    PYTHONPATH=src python benchmarks/bench_gpu.py --steps fusion --out-dir c   # not by default
     PYTHONPATH=src python benchmarks/bench_gpu.py --dry-run --out-dir dry
 """
 
@@ -65,8 +73,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-STEPS = ("first-step", "layers", "latency", "rule", "model", "model-compile", "nchw")
-DEFAULT_STEPS = STEPS[:-1]
+STEPS = ("first-step", "layers", "latency", "rule", "model", "model-compile", "nchw", "fusion")
+DEFAULT_STEPS = STEPS[:-2]
 # Seconds each step may take, start-up and compilation included: the first four together stay
 # under 6 minutes, the two model steps too.
 TIMEOUTS = {
@@ -77,6 +85,7 @@ TIMEOUTS = {
     "model": 120,
     "model-compile": 240,
     "nchw": 120,
+    "fusion": 150,
 }
 # RedNet-50's involution layers: (name, channels, input size, kernel size, stride); 16 channels
 # per group. The stem's 3x3 involution, then the 7x7 one of each stage (stride 2 in the first
@@ -485,6 +494,116 @@ def report_first_step(result: dict) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------ step: fusion
+
+
+def _gpu_ms_per_step(step: Callable[[], object], device: torch.device, steps: int = 3) -> float:
+    """Milliseconds of GPU kernels per call of ``step`` (self CUDA time in torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3 / steps
+
+
+def run_fusion(args, device) -> dict:
+    from involution import create_model, functional
+    from involution.benchmark.model import benchmark_model
+
+    batch, size = (2, 32) if args.dry_run else (128, 224)
+    rounds = 1 if args.dry_run else 2
+    amp = device.type == "cuda"
+    native = functional.has_fused_passes
+    variants = {"resnet50": native, "rednet50 fused": native}
+    # The composition: the layers then take the path of a backend without fused passes.
+    variants["rednet50 composed"] = lambda backend: False
+    rows = []
+    try:
+        for round_ in range(rounds):
+            for name, has_fused_passes in variants.items():
+                functional.has_fused_passes = has_fused_passes
+                torch.manual_seed(0)
+                model = create_model(name.split()[0])
+                row = benchmark_model(
+                    model, batch, size, device=device, amp=amp, channels_last=True,
+                    modes=("training",), warmup=3, repeats=1 if args.dry_run else 10,
+                )  # fmt: skip
+                rows.append({"model": name, "round": round_, **row})
+        gpu_ms = {}
+        for name, has_fused_passes in variants.items():
+            if device.type != "cuda":
+                break
+            functional.has_fused_passes = has_fused_passes
+            model = create_model(name.split()[0]).to(device)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            step = _training_step(model, batch, size, device)
+            for _ in range(WARMUP):
+                step()
+            gpu_ms[name] = _gpu_ms_per_step(step, device)
+    finally:
+        functional.has_fused_passes = native
+    return {"batch": batch, "amp": amp, "rows": rows, "gpu_ms": gpu_ms}
+
+
+def _training_step(model, batch: int, size: int, device: torch.device) -> Callable[[], None]:
+    images = torch.randn(batch, 3, size, size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(1000, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def report_fusion(result: dict) -> list[str]:
+    names = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    by_name = {n: [r for r in result["rows"] if r["model"] == n] for n in names}
+    base = by_name["resnet50"]
+    table = []
+    for name in names:
+        runs = by_name[name]
+        step_ms = 1e3 * result["batch"] / statistics.median(r["training_img_s"] for r in runs)
+        table.append(
+            [
+                name,
+                ", ".join(_fmt(r["training_img_s"], 0) for r in runs),
+                ", ".join(
+                    _ratio(r["training_img_s"], b["training_img_s"])
+                    for r, b in zip(runs, base, strict=True)
+                ),
+                _fmt(runs[-1]["training_peak_mib"], 0),
+                _ratio(runs[-1]["training_peak_mib"], base[-1]["training_peak_mib"]),
+                _fmt(step_ms, 1),
+                _fmt(result["gpu_ms"].get(name), 1),
+            ]
+        )
+    return [
+        f"Fused against composed RedNet-50 layers, training (batch {result['batch']}, "
+        f"{'bfloat16 autocast' if result['amp'] else 'float32'}, channels_last), rounds "
+        "alternating; ratios against ResNet-50 of the same round",
+        *_table(
+            [
+                "model",
+                "img/s per round",
+                "/ resnet50",
+                "peak MiB",
+                "/ resnet50",
+                "step ms (median)",
+                "GPU ms per step",
+            ],
+            table,
+        ),
+    ]
+
+
 # ------------------------------------------------------------------------ step: model (CLI)
 
 
@@ -531,6 +650,7 @@ CHILD_STEPS: dict[str, Callable] = {
     "latency": run_latency,
     "rule": run_rule,
     "nchw": run_nchw,
+    "fusion": run_fusion,
 }
 REPORTS: dict[str, Callable] = {
     "first-step": report_first_step,
@@ -538,6 +658,7 @@ REPORTS: dict[str, Callable] = {
     "latency": report_latency,
     "rule": report_rule,
     "nchw": report_nchw,
+    "fusion": report_fusion,
 }
 
 

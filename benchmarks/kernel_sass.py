@@ -44,7 +44,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from involution.ops.triton import launch
+from involution.ops.triton import fused_launch, launch
 
 OPS = ("forward", "grad_input", "grad_kernel")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -226,7 +226,8 @@ def _per_call_us(fn, calls: int) -> float:
 
 
 def host(args: argparse.Namespace) -> None:
-    """Host time per call at RedNet-50's s3 256@14 layer (batch 64, bfloat16, channels_last)."""
+    """Host time per call at RedNet-50's s3 256@14 layer (batch 64, bfloat16, channels_last),
+    plain and fused ops."""
     from involution.functional import involution2d
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -248,7 +249,29 @@ def host(args: argparse.Namespace) -> None:
         with torch.no_grad():
             involution2d(x, w, 7, backend="triton")
 
+    # The fused op's passes at the same layer (R = 64 hidden features).
+    f = torch.randn(64, 64, 14, 14, dtype=torch.bfloat16)
+    f = f.contiguous(memory_format=torch.channels_last)
+    span_weight = torch.randn(16 * 49, 64, dtype=torch.bfloat16)
+    span_bias = torch.randn(16 * 49, dtype=torch.bfloat16)
+    fused = (x, f, span_weight, span_bias)
+    out = torch.empty_like(x)
+    partials = (torch.empty(1, 16 * 49, 64), torch.empty(1, 16 * 49))
+    grads = (torch.empty_like(x), torch.empty_like(f), *partials)
+
     cases = {
+        "fused_launch.fused_forward (plan lookup, output)": lambda: fused_launch.fused_forward(
+            *fused, *geometry
+        ),
+        "fused_launch.fused_backward (plan lookup, outputs, partial sums)": lambda: (
+            fused_launch.fused_backward(g, *fused, *geometry)
+        ),
+        "fused forward's launch arguments, built (no plan)": lambda: fused_launch.forward_launch(
+            *fused, *geometry, out
+        ),
+        "fused backward's launch arguments, built (no plan)": lambda: (
+            fused_launch.backward_launches(g, *fused, *geometry, *grads)
+        ),
         "launch.forward": lambda: launch.forward(x, w, *geometry),
         "launch.grad_input": lambda: launch.grad_input(g, w, [14, 14], *geometry),
         "launch.grad_kernel": lambda: launch.grad_kernel(g, x, *geometry, 16),
@@ -257,7 +280,10 @@ def host(args: argparse.Namespace) -> None:
         "involution2d forward + both gradients": forward_backward,
     }
     print("host time per call, kernel launches left out, 1 thread; microseconds")
-    with mock.patch.object(launch._Plan, "launch", lambda self, *tensors: None):
+    with (
+        mock.patch.object(launch._Plan, "launch", lambda self, *tensors: None),
+        mock.patch.object(fused_launch._Plan, "__call__", lambda self, *tensors: None),
+    ):
         rows = [[name, f"{_per_call_us(fn, args.calls):.1f}"] for name, fn in cases.items()]
     print_table(["call", "us"], rows)
 

@@ -207,6 +207,18 @@ def _native_test_backend() -> types.ModuleType:
     return module
 
 
+def test_backends_listed_with_fused_passes_have_them(monkeypatch):
+    """has_fused_passes() answers from a list before a lazy backend is imported, and from its
+    module after: the two agree."""
+    for name in dispatch._LAZY:
+        monkeypatch.delitem(dispatch._IMPLEMENTATIONS, name, raising=False)
+        listed = dispatch.has_fused_passes(name)
+        module = dispatch.implementation(name)
+        assert listed == hasattr(module, "fused_forward") == dispatch.has_fused_passes(name)
+    assert not dispatch.has_fused_passes("reference")
+    assert not dispatch.has_fused_passes("torch")
+
+
 def test_native_fused_passes_are_used_and_match(monkeypatch):
     calls = []
     backend = _native_test_backend()

@@ -35,8 +35,12 @@ triton = pytest.importorskip(
 from involution.ops.triton import launch  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernel checks run in the interpreter on the CPU, or compiled on a GPU when there is one
+# and no interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
+    not INTERPRETED and DEVICE == "cpu",
+    reason="Triton kernels need TRITON_INTERPRET=1 on the CPU, or a CUDA device",
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -144,7 +148,7 @@ CASES_2D = [
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES_2D, ids=str)
 def test_2d_float32(case, layout):
-    assert_matches_reference(2, torch.float32, "cpu", *case, layout=layout)
+    assert_matches_reference(2, torch.float32, DEVICE, *case, layout=layout)
 
 
 @needs_interpreter
@@ -152,21 +156,21 @@ def test_2d_float32(case, layout):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES_2D[:2], ids=str)
 def test_2d_reduced_precision(case, dtype, layout):
-    assert_matches_reference(2, dtype, "cpu", *case, layout=layout)
+    assert_matches_reference(2, dtype, DEVICE, *case, layout=layout)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 def test_1d(dtype, layout):
-    assert_matches_reference(1, dtype, "cpu", 2, 6, 2, (13,), 5, 2, 1, None, layout=layout)
+    assert_matches_reference(1, dtype, DEVICE, 2, 6, 2, (13,), 5, 2, 1, None, layout=layout)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_3d(layout):
     case = (1, 4, 2, (5, 6, 7), 3, (1, 2, 1), 1, None)
-    assert_matches_reference(3, torch.float32, "cpu", *case, layout=layout)
+    assert_matches_reference(3, torch.float32, DEVICE, *case, layout=layout)
 
 
 @needs_interpreter
@@ -176,13 +180,15 @@ def test_3d_reduced_precision(dtype, layout):
     """Half-precision loads and stores in 3D (channels_last_3d and pixel-major in one of the
     layouts), with a dilation along one axis."""
     case = (1, 4, 2, (3, 4, 5), 3, 1, (1, 1, 2), None)
-    assert_matches_reference(3, dtype, "cpu", *case, layout=layout)
+    assert_matches_reference(3, dtype, DEVICE, *case, layout=layout)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_zero(layout):
-    assert_matches_reference(2, torch.float32, "cpu", 0, 4, 2, (5, 5), 3, 1, 1, None, layout=layout)
+    assert_matches_reference(
+        2, torch.float32, DEVICE, 0, 4, 2, (5, 5), 3, 1, 1, None, layout=layout
+    )
 
 
 def _gpu_rule(monkeypatch):
@@ -208,14 +214,14 @@ def test_every_gpu_config(rows, monkeypatch):
     ]
     for layout in LAYOUTS:
         for n, dtype, case in cases:
-            assert_matches_reference(n, dtype, "cpu", *case, layout=layout)
+            assert_matches_reference(n, dtype, DEVICE, *case, layout=layout)
 
 
 @needs_interpreter
 def test_mixed_and_strided_layouts():
     """Any layout of any tensor: channels-last input with a contiguous kernel, a contiguous
     input with a pixel-major kernel and a channels-last grad_out, and views that are neither."""
-    (x, w, g), kwargs = make_case(2, 2, 8, 2, (9, 7), 3, 1, 1, None, torch.float32, "cpu")
+    (x, w, g), kwargs = make_case(2, 2, 8, 2, (9, 7), 3, 1, 1, None, torch.float32, DEVICE)
     x_cl, w_pm, g_cl = channels_innermost(x, 2), channels_innermost(w, 3), channels_innermost(g, 2)
     x_view = torch.cat([x, x], dim=-1)[..., ::2]  # every other column
     w_view = torch.cat([w, w], dim=1)[:, ::2]  # every other group
@@ -229,10 +235,10 @@ def test_unaligned_storage_gets_its_own_plan(monkeypatch):
     """A tensor whose data starts off the 16-byte boundary is not served by the compiled
     kernel of an aligned one (Triton specializes on pointer alignment)."""
     monkeypatch.setattr(launch, "_PLANS", {})
-    (x, w, g), kwargs = make_case(2, 1, 8, 2, (6, 5), 3, 1, 1, None, torch.float32, "cpu")
+    (x, w, g), kwargs = make_case(2, 1, 8, 2, (6, 5), 3, 1, 1, None, torch.float32, DEVICE)
     forward_and_grads(involution2d, x, w, g, "triton", **kwargs)
     plans = len(launch._PLANS)
-    shifted = torch.empty(x.numel() + 1)[1:].view_as(x).copy_(x)
+    shifted = torch.empty(x.numel() + 1, device=x.device)[1:].view_as(x).copy_(x)
     assert shifted.data_ptr() % 16 != 0
     got = forward_and_grads(involution2d, shifted, w, g, "triton", **kwargs)
     assert len(launch._PLANS) == plans + 2  # forward and grad_kernel read the input
@@ -242,7 +248,7 @@ def test_unaligned_storage_gets_its_own_plan(monkeypatch):
 @needs_interpreter
 def test_known_shapes_reuse_their_plan(monkeypatch):
     monkeypatch.setattr(launch, "_PLANS", {})
-    (x, w, g), kwargs = make_case(2, 1, 4, 2, (6, 5), 3, 1, 1, None, torch.float32, "cpu")
+    (x, w, g), kwargs = make_case(2, 1, 4, 2, (6, 5), 3, 1, 1, None, torch.float32, DEVICE)
     forward_and_grads(involution2d, x, w, g, "triton", **kwargs)
     assert len(launch._PLANS) == 3
     forward_and_grads(involution2d, x + 1, w, g, "triton", **kwargs)
@@ -266,7 +272,7 @@ def test_plans_are_keyed_by_everything_they_depend_on(monkeypatch):
         (2, 1, 8, 2, (6, 5), 3, 1, 1, None, "channels_last"),
     ]
     for n, *case, layout_name in calls:
-        (x, w, g), kwargs = make_case(n, *case, torch.float32, "cpu", layout_name)
+        (x, w, g), kwargs = make_case(n, *case, torch.float32, DEVICE, layout_name)
         got = forward_and_grads(FUNCTIONS[n], x, w, g, "triton", **kwargs)
         assert_close_to_reference(n, torch.float32, got, x, w, g, **kwargs)
     assert len(launch._PLANS) == 3 * len(calls)
@@ -331,7 +337,7 @@ def test_offsets_past_32_bits_are_refused():
 
 @needs_interpreter
 def test_deterministic():
-    (x, w, g), kwargs = make_case(2, 1, 6, 3, (11, 10), 5, 2, 1, None, torch.float32, "cpu")
+    (x, w, g), kwargs = make_case(2, 1, 6, 3, (11, 10), 5, 2, 1, None, torch.float32, DEVICE)
     first = forward_and_grads(involution2d, x, w, g, "triton", **kwargs)
     second = forward_and_grads(involution2d, x, w, g, "triton", **kwargs)
     for a, b in zip(first, second, strict=True):
@@ -340,9 +346,9 @@ def test_deterministic():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
 def test_autocast_runs_in_low_precision(backend):
-    (x, w, g), kwargs = make_case(2, 2, 8, 2, (9, 7), 3, 1, 1, None, torch.float32, "cpu")
+    (x, w, g), kwargs = make_case(2, 2, 8, 2, (9, 7), 3, 1, 1, None, torch.float32, DEVICE)
     x = x.requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         y = involution2d(x, w.bfloat16(), backend=backend, **kwargs)
     assert y.dtype == torch.bfloat16
     (gx,) = torch.autograd.grad(y, x, g.bfloat16())

@@ -25,8 +25,12 @@ triton = pytest.importorskip(
 from involution.ops.triton import fused_launch, launch  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernel checks run in the interpreter on the CPU, or compiled on a GPU when there is one
+# and no interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
+    not INTERPRETED and DEVICE == "cpu",
+    reason="Triton kernels need TRITON_INTERPRET=1 on the CPU, or a CUDA device",
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -59,8 +63,15 @@ CASES = {
 }
 # One tile: for the tests of layouts, bias, offsets and registration.
 SMALL = (2, 1, 4, 2, 3, (6, 5), 3, 2, None, 1)
-# 72 pixels, three tiles: the fewest that split d_weight into chunks of partial sums.
-CHUNKED = (2, 2, 4, 2, 3, (6, 6), 3, 1, None, 1)
+# Enough pixels to split d_weight into chunks of partial sums: 72 in the interpreter (three tiles
+# of 32), 1152 compiled (18 tiles of 64, in chunks of at least 8).
+CHUNKED = (2, 2, 4, 2, 3, (6, 6) if DEVICE == "cpu" else (24, 24), 3, 1, None, 1)
+
+
+@pytest.fixture(autouse=True)
+def _float32_in_full_precision(monkeypatch):
+    """On a GPU, float32 products in full precision (no tf32), as the tolerances assume."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def make_inputs(case, dtype, bias=True, seed=0):
@@ -71,7 +82,8 @@ def make_inputs(case, dtype, bias=True, seed=0):
     taps = math.prod(geometry[0])
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        values = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return values.to(device=DEVICE, dtype=dtype)
 
     tensors = {
         "input": rand(batch, channels, *size),
@@ -205,7 +217,7 @@ def test_batch_zero_gives_empty_results_and_zero_parameter_gradients():
 def test_two_runs_are_bit_identical():
     tensors, grad_out, kwargs = make_inputs(CHUNKED, torch.float32)
     # Several chunks of tiles, so that d_weight is reduced from several partial sums.
-    assert fused_launch.weight_chunks(pixels=2 * 6 * 6, groups=2) > 1
+    assert fused_launch.weight_chunks(pixels=2 * math.prod(CHUNKED[5]), groups=2) > 1
     first, second = run(2, tensors, grad_out, kwargs), run(2, tensors, grad_out, kwargs)
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), name
@@ -244,6 +256,27 @@ def test_64_bit_offsets(monkeypatch):
     wide = run(2, tensors, grad_out, kwargs)
     for name, a, b in zip(NAMES, narrow, wide, strict=True):
         assert torch.equal(a, b), name
+
+
+@needs_interpreter
+def test_plans_are_reused_with_new_tensors_and_keyed_by_alignment(monkeypatch):
+    """A known call signature reuses its launch plans with the new call's tensors (not the
+    first call's); a tensor whose data starts off the 16-byte boundary gets plans of its own."""
+    monkeypatch.setattr(fused_launch, "_PLANS", {})
+    first, grad_out, kwargs = make_inputs(SMALL, torch.float32, seed=0)
+    run(2, first, grad_out, kwargs)
+    assert len(fused_launch._PLANS) == 2  # the forward's and the backward's
+    second, grad_out, _ = make_inputs(SMALL, torch.float32, seed=1)
+    got = run(2, second, grad_out, kwargs)
+    assert len(fused_launch._PLANS) == 2
+    assert_matches(torch.float32, got, reference(2, second, grad_out, kwargs))
+    x = second["input"]
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view_as(x).copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    second["input"] = shifted
+    got = run(2, second, grad_out, kwargs)
+    assert len(fused_launch._PLANS) == 4
+    assert_matches(torch.float32, got, reference(2, second, grad_out, kwargs))
 
 
 @needs_interpreter
@@ -302,7 +335,6 @@ REDNET_LAYERS = [(32, 112, 3, 1), (64, 56, 7, 1), (128, 56, 7, 2), (512, 7, 7, 1
 def test_rednet_shapes_on_cuda(layer, dtype, monkeypatch):
     """Two images at each layer's shape, channels_last; float32 in full precision (tf32 off),
     and a second run bit-identical to the first."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     channels, size, k, stride = layer
     case = (2, 2, channels, channels // 16, channels // 4, (size, size), k, stride, None, 1)
     tensors, grad_out, kwargs = make_inputs(case, dtype)

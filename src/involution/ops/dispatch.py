@@ -14,7 +14,6 @@ why, one warning is logged, and "auto" falls back to the portable ``torch`` back
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import logging
@@ -58,9 +57,17 @@ def can_run_torch(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool =
     return True
 
 
-@functools.cache  # asked on every CUDA call; the module search costs tens of microseconds
+# Searched once: asked on every CUDA call, where the search would cost tens of microseconds and
+# torch.compile (before torch 2.13) cannot trace it.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
@@ -70,10 +77,10 @@ def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool 
     (batch, group) row with 32-bit offsets.
     """
     device = input.device.type
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if not _triton_installed():
         return _refuse("triton: not installed (pip install 'involution[triton]')", raise_error)
-    if device != "cuda" and not (device == "cpu" and interpreted):
+    # The environment is read off CUDA only: torch.compile (before torch 2.13) cannot trace it.
+    if device != "cuda" and not (device == "cpu" and _interpreted()):
         hint = " (set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
         return _refuse(
             f"triton: input is on {device}{hint if device == 'cpu' else ''}", raise_error
@@ -126,6 +133,9 @@ _CAN_RUN = {
 _IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": portable}
 # Imported on first use: Triton is optional, and the CPU backend needs nothing until it runs.
 _LAZY = {"triton": ".triton.launch", "cpu": ".cpu.launch"}
+# Those of them with fused passes, for has_fused_passes() before the import: torch.compile
+# (before torch 2.13) cannot trace an import. A test checks the list against the modules.
+_LAZY_FUSED = ("triton", "cpu")
 
 
 def _auto_candidate(name: str, input: torch.Tensor, kernel: torch.Tensor) -> bool:
@@ -160,7 +170,10 @@ def has_fused_passes(backend: str) -> bool:
     Without them the fused op composes the span with the backend's passes and recomputes the
     kernel in the backward: it saves memory, at the cost of a second span convolution.
     """
-    return backend != "reference" and hasattr(implementation(backend), "fused_forward")
+    module = _IMPLEMENTATIONS.get(backend)
+    if module is None:  # not imported yet
+        return backend in _LAZY_FUSED
+    return backend != "reference" and hasattr(module, "fused_forward")
 
 
 def implementation(backend: str) -> ModuleType:

@@ -69,6 +69,10 @@ def traced_form() -> str | None:
         registered ops stay as single nodes); ``"aten"`` while any other export traces
         (``torch.export``, ``torch.onnx.export`` called directly): :func:`forward`.
     """
+    # torch.compile runs the ops; asked first, since it cannot trace the checks below before
+    # torch 2.13.
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return None
     if not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
         return None
     return "aten" if _BUILDER.get() is None else "onnx"

@@ -34,6 +34,13 @@ Triton software-pipelines the loop over kernel rows where it can (d_features: th
 input is copied to shared memory while this one is summed); ``num_stages`` is left at Triton's
 default.
 
+Launches are planned once per call signature (the tensors' shapes, strides, dtypes and 16-byte
+alignment, the geometry and the dot precision) and kept in ``_PLANS``: a known call looks its
+plans up and, after the first launch, calls the compiled kernels directly, with none of the
+argument building above nor Triton's binding and cache lookup. Before plans, the fused op
+took about 0.4 ms of host time per forward and 0.7 ms per backward (profiled on an H200's host),
+enough to bind small layers to the host.
+
 float32 dots run in tf32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default),
 as the unfused span, a 1x1 convolution, does; otherwise in full float32.
 
@@ -143,6 +150,52 @@ class Launch:
 
     def __call__(self) -> None:
         self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+# Every kernel takes its tensors first, then integers, then compile-time constants.
+_TENSORS = {"forward": 5, "grad_features": 4, "grad_weight": 5, "grad_input": 5}
+
+
+class _Plan:
+    """A launch without its tensors, for the calls of one signature (see :func:`_plans`).
+
+    The first call goes through Triton's launcher, which compiles; later calls go straight to
+    the compiled kernel, with no argument binding or cache lookup in Triton's Python, as the
+    unfused kernels' plans do (``launch.py``).
+    """
+
+    def __init__(self, launch: Launch, tensors: int) -> None:
+        self.kernel = launch.kernel
+        self.grid = launch.grid
+        self.scalars = launch.args[tensors:]
+        self.kwargs = launch.kwargs
+        self.compiled: Any = None
+        self.arguments: tuple[Any, ...] = ()
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if self.compiled is not None:
+            self.compiled(*tensors, *self.arguments)
+            return
+        compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.kwargs)
+        # The interpreter returns nothing; it runs every call through the function.
+        if compiled is not None:
+            # The compiled launcher takes every parameter in order, constants included.
+            names = self.kernel.arg_names[len(tensors) + len(self.scalars) :]
+            self.arguments = (*self.scalars, *(self.kwargs[name] for name in names))
+            self.compiled = compiled[self.grid]
+
+
+_PLANS: dict[tuple, tuple[_Plan, ...]] = {}
+
+
+def _signature(first: torch.Tensor, others: Sequence[torch.Tensor | None], *rest: Any) -> tuple:
+    """What a plan depends on: the tensors' shapes, strides, dtypes and 16-byte alignment
+    (Triton specializes pointers on it), the float32 dot precision and ``rest``."""
+    described = tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+        for t in (first, *others)
+    )
+    return (*described, first.device, torch.backends.cudnn.allow_tf32, *rest)
 
 
 def forward_launch(
@@ -333,8 +386,15 @@ def fused_forward(
     batch, channels = input.shape[:2]
     shape = (batch, channels, *features.shape[2:])
     out = layout.empty(shape, input)
-    if out.numel() > 0:
-        forward_launch(input, features, weight, bias, kernel_size, stride, padding, dilation, out)()
+    if out.numel() == 0:
+        return out
+    geometry = (kernel_size, stride, padding, dilation)
+    key = ("forward", _signature(input, (features, weight, bias, out), *map(tuple, geometry)))
+    plans = _PLANS.get(key)
+    if plans is None:
+        launch = forward_launch(input, features, weight, bias, *geometry, out)
+        plans = _PLANS[key] = (_Plan(launch, _TENSORS["forward"]),)
+    plans[0](input, features, weight, weight if bias is None else bias, out)
     return out
 
 
@@ -372,23 +432,38 @@ def fused_backward(
     chunks = weight_chunks(pixels, groups)
     partial_weight = weight.new_empty((chunks, rows, hidden), dtype=torch.float32)
     partial_bias = weight.new_empty((chunks, rows), dtype=torch.float32)
-    launches = backward_launches(
-        grad_out,
-        input,
-        features,
-        weight,
-        bias,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        grad_input,
-        grad_features,
-        partial_weight,
-        partial_bias,
+    geometry = (kernel_size, stride, padding, dilation)
+    key = (
+        "backward",
+        _signature(
+            grad_out,
+            (input, features, weight, bias, grad_input, grad_features),
+            *map(tuple, geometry),
+        ),
     )
-    for launch in launches:
-        launch()
+    plans = _PLANS.get(key)
+    if plans is None:
+        launches = backward_launches(
+            grad_out,
+            input,
+            features,
+            weight,
+            bias,
+            *geometry,
+            grad_input,
+            grad_features,
+            partial_weight,
+            partial_bias,
+        )
+        kinds = ("grad_features", "grad_weight", "grad_input")
+        plans = _PLANS[key] = tuple(
+            _Plan(launch, _TENSORS[kind]) for launch, kind in zip(launches, kinds, strict=True)
+        )
+    # The tensors of each launch, in the order of backward_launches.
+    grad_features_plan, grad_weight_plan, grad_input_plan = plans
+    grad_features_plan(grad_out, input, weight, grad_features)
+    grad_weight_plan(grad_out, input, features, partial_weight, partial_bias)
+    grad_input_plan(grad_out, features, weight, weight if bias is None else bias, grad_input)
     # A fixed-order reduction over the chunks (PyTorch's sum uses no atomics).
     grad_weight = partial_weight.sum(0).to(weight.dtype)
     grad_bias = partial_bias.sum(0).to(weight.dtype)
