@@ -16,6 +16,7 @@ from torch import nn
 from torch.export import Dim
 
 from involution import Involution1d, Involution2d, Involution3d
+from involution import export as export_module
 from involution.cli.__main__ import main
 from involution.export import (
     _exporter_output,
@@ -415,3 +416,69 @@ def test_cli_export_bad_input(tiny, tmp_path, capsys):
         main(["export", "--model", tiny, "--format", "tflite"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def _random_norm(channels: int) -> nn.BatchNorm2d:
+    """A BatchNorm in eval mode with statistics and affine parameters away from 0 and 1."""
+    norm = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    return norm.eval()
+
+
+class _Residual(nn.Module):
+    """A convolution whose output feeds its BatchNorm and the sum after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = _random_norm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+class _Shared(nn.Module):
+    """One convolution called twice, each time followed by a BatchNorm of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.first, self.second = _random_norm(4), _random_norm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.conv(torch.relu(self.first(self.conv(x)))))
+
+
+def test_batch_norms_fold_into_the_convolutions_they_follow_in_a_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), _random_norm(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=4, bias=False), _random_norm(8),
+    ).eval()  # fmt: skip
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 9, 10)
+    folded = export_module._fold_batch_norms(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    other = torch.randn(3, 3, 7, 6)  # not the input the fold was checked on
+    torch.testing.assert_close(folded(other), model(other), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2  # left as it was
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("module", [_Residual, _Shared])
+def test_batch_norms_stay_where_folding_would_change_the_model(module):
+    torch.manual_seed(0)
+    model = module().eval()
+    assert export_module._fold_batch_norms(model, torch.randn(2, 4, 6, 6)) is model
+
+
+def test_batch_norms_in_training_mode_are_not_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _random_norm(4).train())
+    assert export_module._fold_batch_norms(model, torch.randn(2, 3, 5, 5)) is model

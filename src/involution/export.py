@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -86,6 +87,72 @@ def _trace_input(example: torch.Tensor) -> tuple[torch.Tensor, tuple[dict[int, A
         example = example.repeat(2, 1, 1, 1)
     # Batch from 1 up; the spatial range is the one the model's layers allow (inferred).
     return example, ({0: Dim("batch", min=1), 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
+
+
+def _fold_batch_norms(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with each eval-mode BatchNorm that takes a convolution's output
+    folded into it (see :func:`export_onnx`), or ``model`` itself where nothing folds."""
+    calls: collections.Counter[str] = collections.Counter()
+    # id of an output -> the convolution that made it, and the output, kept alive so that no
+    # later tensor takes its id.
+    conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}  # BatchNorm -> convolution
+    hooks = []
+
+    def conv_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            calls[name] += 1
+            conv_outputs[id(output)] = (name, output)
+
+        return hook
+
+    def norm_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] += 1
+            made = conv_outputs.get(id(args[0]))
+            if made is not None and made[1] is args[0]:
+                pairs[name] = made[0]
+
+        return hook
+
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            hooks.append(module.register_forward_hook(conv_hook(name)))
+        elif (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not module.training
+            and module.running_mean is not None
+        ):
+            hooks.append(module.register_forward_pre_hook(norm_hook(name)))
+    try:
+        with torch.no_grad():
+            expected = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # A module called twice (shared between call sites) keeps its own parameters.
+    pairs = {
+        bn: conv
+        for bn, conv in pairs.items()
+        if calls[bn] == 1 and calls[conv] == 1 and not modules[conv].training
+    }
+    if not pairs:
+        return model
+    folded = copy.deepcopy(model)
+    copies = dict(folded.named_modules())
+    for bn, conv in pairs.items():
+        fused = torch.nn.utils.fuse_conv_bn_eval(copies[conv], copies[bn])
+        folded.set_submodule(conv, fused)
+        folded.set_submodule(bn, nn.Identity())
+    with torch.no_grad():
+        got = folded(example)
+    scale = expected.abs().max().item()
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0)):
+        logger.debug("BatchNorm folding changed the output; exporting unfolded")
+        return model
+    logger.debug("folded %d BatchNorms into convolutions", len(pairs))
+    return folded
 
 
 def _max_abs_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -153,6 +220,12 @@ def export_onnx(
     and width, and standard ONNX operators only (checked after writing). Each involution is
     traced as one node and translated to ONNX directly (``export_graph.onnx_translation``).
 
+    A BatchNorm in eval mode that only normalizes a convolution's output is folded into that
+    convolution's weight and bias (in a copy; ``model`` is left as it is), as ONNX runtimes do
+    when they load a graph: the exporter then traces a third fewer operations in a ResNet-like
+    network. The copy's output is compared with the model's on ``example``; where they differ
+    (a convolution's output used elsewhere too) the model is exported unfolded.
+
     Args:
         model: in eval mode; it takes one (B, C, H, W) tensor.
         path: file to write.
@@ -176,6 +249,7 @@ def export_onnx(
         ) from error
     path = Path(path)
     example, dynamic_shapes = _trace_input(example)
+    model = _fold_batch_norms(model, example)
     with _exporter_output(verbose), export_graph.onnx_translation() as translation:
         torch.onnx.export(
             model,
