@@ -499,13 +499,15 @@ def report_first_step(result: dict) -> list[str]:
 
 def _gpu_ms_per_step(step: Callable[[], object], device: torch.device, steps: int = 3) -> float:
     """Milliseconds of GPU kernels per call of ``step`` (self CUDA time in torch.profiler)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         _sync(device)
-    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3 / steps
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(event.self_device_time_total for event in kernels) / 1e3 / steps
 
 
 def run_fusion(args, device) -> dict:

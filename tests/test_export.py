@@ -472,13 +472,55 @@ def test_batch_norms_fold_into_the_convolutions_they_follow_in_a_copy():
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.parametrize("module", [_Residual, _Shared])
+class _Unused(nn.Module):
+    """The convolution's output is used again after its BatchNorm, to no effect on the
+    example (whose values stay below 100): only the count of its uses tells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = _random_norm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + torch.relu(y - 100)
+
+
+class _InPlace(nn.Module):
+    """The convolution's output is changed in place before its BatchNorm, to no effect on the
+    example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = _random_norm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).clamp_(min=-100))
+
+
+class _Pair(nn.Module):
+    """Returns two tensors; the BatchNorm is called with its input as a keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.norm = _random_norm(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm(input=self.conv(x)), x
+
+
+@pytest.mark.parametrize("module", [_Residual, _Shared, _Unused, _InPlace, _Pair])
 def test_batch_norms_stay_where_folding_would_change_the_model(module):
     torch.manual_seed(0)
     model = module().eval()
     assert export_module._fold_batch_norms(model, torch.randn(2, 4, 6, 6)) is model
 
 
-def test_batch_norms_in_training_mode_are_not_folded():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), _random_norm(4).train())
+def test_a_model_in_training_mode_is_left_alone():
+    norm = _random_norm(4).train()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm)
+    statistics = norm.running_mean.clone()
     assert export_module._fold_batch_norms(model, torch.randn(2, 3, 5, 5)) is model
+    assert torch.equal(norm.running_mean, statistics)  # no forward ran

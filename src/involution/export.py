@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.overrides import TorchFunctionMode
 
 from .ops import export_graph
 
@@ -89,69 +90,101 @@ def _trace_input(example: torch.Tensor) -> tuple[torch.Tensor, tuple[dict[int, A
     return example, ({0: Dim("batch", min=1), 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
 
 
+class _Consumers(TorchFunctionMode):
+    """Counts the tensor-returning calls that take each watched tensor as an argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}  # kept alive: no later tensor takes the id
+        self.uses: collections.Counter[int] = collections.Counter()
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor):  # not the size or dtype queries
+            for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and self.watched.get(id(leaf)) is leaf:
+                    self.uses[id(leaf)] += 1
+        return result
+
+
 def _fold_batch_norms(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` with each eval-mode BatchNorm that takes a convolution's output
-    folded into it (see :func:`export_onnx`), or ``model`` itself where nothing folds."""
+    """A copy of ``model`` with each eval-mode BatchNorm folded into the convolution whose
+    output it alone takes (see :func:`export_onnx`), or ``model`` itself where nothing folds.
+
+    One forward on ``example`` finds the pairs: a convolution called once whose output, not
+    changed in place, is taken by one BatchNorm called once and by no other operation. The
+    folded copy is then checked against the model on ``example``. A model with a module in
+    training mode is left alone (the forward would update its statistics), as is one that
+    does not return a tensor; anything that fails on the way returns the model unfolded.
+    """
+    if any(module.training for module in model.modules()):
+        return model
     calls: collections.Counter[str] = collections.Counter()
-    # id of an output -> the convolution that made it, and the output, kept alive so that no
-    # later tensor takes its id.
-    conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}  # BatchNorm -> convolution
-    hooks = []
+    made_by: dict[int, tuple[str, int]] = {}  # id of a convolution's output -> (name, version)
+    pairs: dict[str, tuple[str, int]] = {}  # BatchNorm -> (convolution, id of its output)
+    consumers = _Consumers()
 
     def conv_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
             calls[name] += 1
-            conv_outputs[id(output)] = (name, output)
+            if isinstance(output, torch.Tensor):
+                made_by[id(output)] = (name, output._version)
+                consumers.watched[id(output)] = output
 
         return hook
 
     def norm_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             calls[name] += 1
-            made = conv_outputs.get(id(args[0]))
-            if made is not None and made[1] is args[0]:
-                pairs[name] = made[0]
+            input = args[0] if args else None
+            made = made_by.get(id(input))
+            fresh = made is not None and made[1] == input._version  # type: ignore[union-attr]
+            if fresh and consumers.watched.get(id(input)) is input:
+                pairs[name] = (made[0], id(input))  # type: ignore[index]
 
         return hook
 
     modules = dict(model.named_modules())
+    hooks = []
     for name, module in modules.items():
         if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             hooks.append(module.register_forward_hook(conv_hook(name)))
         elif (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and not module.training
-            and module.running_mean is not None
+            isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
         ):
             hooks.append(module.register_forward_pre_hook(norm_hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), consumers:
             expected = model(example)
     finally:
         for hook in hooks:
             hook.remove()
-    # A module called twice (shared between call sites) keeps its own parameters.
-    pairs = {
+    folds = {
         bn: conv
-        for bn, conv in pairs.items()
-        if calls[bn] == 1 and calls[conv] == 1 and not modules[conv].training
+        for bn, (conv, output) in pairs.items()
+        if calls[bn] == 1 and calls[conv] == 1 and consumers.uses[output] == 1
     }
-    if not pairs:
+    if not folds or not isinstance(expected, torch.Tensor):
         return model
-    folded = copy.deepcopy(model)
-    copies = dict(folded.named_modules())
-    for bn, conv in pairs.items():
-        fused = torch.nn.utils.fuse_conv_bn_eval(copies[conv], copies[bn])
-        folded.set_submodule(conv, fused)
-        folded.set_submodule(bn, nn.Identity())
-    with torch.no_grad():
-        got = folded(example)
-    scale = expected.abs().max().item()
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0)):
+    try:
+        folded = copy.deepcopy(model)
+        copies = dict(folded.named_modules())
+        for bn, conv in folds.items():
+            folded.set_submodule(conv, torch.nn.utils.fuse_conv_bn_eval(copies[conv], copies[bn]))
+            folded.set_submodule(bn, nn.Identity())
+        with torch.no_grad():
+            got = folded(example)
+        scale = expected.abs().max().item()
+        same = torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
+    except Exception as error:  # the export goes on unfolded; -v shows why
+        logger.debug("BatchNorm folding failed (%s); exporting unfolded", error)
+        return model
+    if not same:
         logger.debug("BatchNorm folding changed the output; exporting unfolded")
         return model
-    logger.debug("folded %d BatchNorms into convolutions", len(pairs))
+    logger.debug("folded %d BatchNorms into convolutions", len(folds))
     return folded
 
 

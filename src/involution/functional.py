@@ -188,10 +188,12 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     if not all(t is None or isinstance(t, torch.Tensor) for t in tensors) or first is None:
         return tensors
     device = first.device.type
-    # Meta tensors (shape-only passes such as FLOP counting) have no autocast and run as given.
-    # (torch.amp.is_autocast_available would say so for any device, but torch.compile cannot
-    # trace it before torch 2.13; is_autocast_enabled it can.)
-    if device == "meta" or not torch.is_autocast_enabled(device):
+    # Devices without autocast (meta, for shape-only passes such as FLOP counting) run as given.
+    # torch.compile cannot trace is_autocast_available before torch 2.13, and compiles only
+    # for devices that have autocast.
+    if not (torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)):
+        return tensors
+    if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
 

@@ -157,7 +157,7 @@ _TENSORS = {"forward": 5, "grad_features": 4, "grad_weight": 5, "grad_input": 5}
 
 
 class _Plan:
-    """A launch without its tensors, for the calls of one signature (see :func:`_plans`).
+    """A launch without its tensors, for the calls of one signature (see :func:`_signature`).
 
     The first call goes through Triton's launcher, which compiles; later calls go straight to
     the compiled kernel, with no argument binding or cache lookup in Triton's Python, as the
@@ -166,7 +166,8 @@ class _Plan:
 
     def __init__(self, launch: Launch, tensors: int) -> None:
         self.kernel = launch.kernel
-        self.grid = launch.grid
+        # The compiled kernel's launcher reads three grid sizes (Triton's JIT pads the grid).
+        self.grid = (*launch.grid, 1, 1)[:3]
         self.scalars = launch.args[tensors:]
         self.kwargs = launch.kwargs
         self.compiled: Any = None
