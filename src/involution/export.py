@@ -253,11 +253,12 @@ def export_onnx(
     and width, and standard ONNX operators only (checked after writing). Each involution is
     traced as one node and translated to ONNX directly (``export_graph.onnx_translation``).
 
-    A BatchNorm in eval mode that only normalizes a convolution's output is folded into that
-    convolution's weight and bias (in a copy; ``model`` is left as it is), as ONNX runtimes do
-    when they load a graph: the exporter then traces a third fewer operations in a ResNet-like
-    network. The copy's output is compared with the model's on ``example``; where they differ
-    (a convolution's output used elsewhere too) the model is exported unfolded.
+    A BatchNorm in eval mode that is the only consumer of a convolution's output is folded into
+    that convolution's weight and bias (in a copy; ``model`` is left as it is), as the ONNX
+    optimizer and runtimes do anyway: the exporter then traces a third fewer operations in a
+    ResNet-like network. The pairs are found in one forward on ``example`` and the copy is
+    checked against the model on it; where anything does not fit, the model is exported as it
+    is (see ``_fold_batch_norms``).
 
     Args:
         model: in eval mode; it takes one (B, C, H, W) tensor.
