@@ -150,6 +150,29 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 50) -> 
     return spent / calls * 1e3
 
 
+def _training_step(model, batch: int, size: int, device: torch.device) -> Callable[[], None]:
+    """One SGD training step of ``model`` (channels_last) on random images and labels."""
+    images = torch.randn(batch, 3, size, size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(1000, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # bfloat16 autocast on the GPU; the CPU of --dry-run runs float32.
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def graph_ms(fn: Callable[[], object], device: torch.device, repeats: int = 50) -> float | None:
     """Median milliseconds of ``fn`` replayed from a CUDA graph (the GPU work alone); None on
     the CPU."""
@@ -456,26 +479,14 @@ def run_first_step(args, device) -> dict:
     name, batch, size = ("rednet26", 2, 32) if args.dry_run else ("rednet50", 64, 224)
     phases.update(model=name, batch=batch, image_size=size)
     model = create_model(name).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(batch, 3, size, size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(1000, (batch,), device=device)
+    step = _training_step(model, batch, size, device)
     _sync(device)
     phases["build_s"] = time.perf_counter() - begin
-    for step in ("first_step_s", "second_step_s"):
+    for phase in ("first_step_s", "second_step_s"):
         begin = time.perf_counter()
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         _sync(device)
-        phases[step] = time.perf_counter() - begin
+        phases[phase] = time.perf_counter() - begin
     phases["to_first_step_end_s"] = time.perf_counter() - _STARTED
     cache = Path(os.environ.get("TRITON_CACHE_DIR", ""))
     phases["compiled_variants"] = len(list(cache.glob("*/*.cubin"))) if cache.is_dir() else 0
@@ -547,22 +558,6 @@ def run_fusion(args, device) -> dict:
     finally:
         functional.has_fused_passes = native
     return {"batch": batch, "amp": amp, "rows": rows, "gpu_ms": gpu_ms}
-
-
-def _training_step(model, batch: int, size: int, device: torch.device) -> Callable[[], None]:
-    images = torch.randn(batch, 3, size, size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(1000, (batch,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def report_fusion(result: dict) -> list[str]:

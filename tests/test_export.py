@@ -429,13 +429,17 @@ def _random_norm(channels: int) -> nn.BatchNorm2d:
     return norm.eval()
 
 
-class _Residual(nn.Module):
-    """A convolution whose output feeds its BatchNorm and the sum after it."""
+class _ConvNorm(nn.Module):
+    """A convolution and a BatchNorm, each called once; subclasses say how."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.norm = _random_norm(4)
+
+
+class _Residual(_ConvNorm):
+    """A convolution whose output feeds its BatchNorm and the sum after it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -472,28 +476,18 @@ def test_batch_norms_fold_into_the_convolutions_they_follow_in_a_copy():
         assert torch.equal(value, before[name]), name
 
 
-class _Unused(nn.Module):
+class _Unused(_ConvNorm):
     """The convolution's output is used again after its BatchNorm, to no effect on the
     example (whose values stay below 100): only the count of its uses tells."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.norm = _random_norm(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return self.norm(y) + torch.relu(y - 100)
 
 
-class _InPlace(nn.Module):
+class _InPlace(_ConvNorm):
     """The convolution's output is changed in place before its BatchNorm, to no effect on the
     example."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.norm = _random_norm(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x).clamp_(min=-100))

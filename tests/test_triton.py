@@ -32,7 +32,7 @@ from involution.ops import dispatch
 triton = pytest.importorskip(
     "triton", reason="triton is not installed (pip install 'involution[triton]')"
 )
-from involution.ops.triton import launch  # noqa: E402
+from involution.ops.triton import launch, plan  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The kernel checks run in the interpreter on the CPU, or compiled on a GPU when there is one
@@ -255,6 +255,33 @@ def test_known_shapes_reuse_their_plan(monkeypatch):
     assert len(launch._PLANS) == 3
 
 
+def test_plan_calls_the_compiled_kernel_with_every_parameter_and_a_3d_grid():
+    """After its first launch a plan calls the compiled kernel directly: the launcher then
+    takes a grid of three sizes and every parameter in signature order, constants included.
+    Checked with a stand-in for the JIT function and its compiled kernel (no GPU needed)."""
+    runs = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: runs.append((grid, args))
+
+    class Kernel:
+        arg_names = ["x", "y", "n", "m", "A", "B"]
+
+        def __getitem__(self, grid):
+            def jit(*args, **kwargs):
+                runs.append((grid, (*args, kwargs)))
+                return Compiled()
+
+            return jit
+
+    planned = plan.Plan(Kernel(), (7,), (3, 4), {"B": 2, "A": 1}, num_warps=4)
+    planned.launch("x1", "y1")
+    planned.launch("x2", "y2")
+    assert runs[0] == ((7, 1, 1), ("x1", "y1", 3, 4, {"B": 2, "A": 1, "num_warps": 4}))
+    assert runs[1] == ((7, 1, 1), ("x2", "y2", 3, 4, 1, 2))
+
+
 @needs_interpreter
 def test_plans_are_keyed_by_everything_they_depend_on(monkeypatch):
     """Calls that share some of their tensors' shapes but not all, or the shapes but not the
@@ -282,7 +309,7 @@ def _plan_of(monkeypatch, op, x, w, g, geometry, groups):
     """The launch plan of one op, captured instead of launched."""
     captured = []
     monkeypatch.setattr(launch, "_PLANS", {})
-    monkeypatch.setattr(launch._Plan, "launch", lambda self, *tensors: captured.append(self))
+    monkeypatch.setattr(plan.Plan, "launch", lambda self, *tensors: captured.append(self))
     if op == "forward":
         launch.forward(x, w, *geometry)
     elif op == "grad_input":

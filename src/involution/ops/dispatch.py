@@ -66,10 +66,6 @@ def _triton_installed() -> bool:
     return _TRITON_FOUND
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
     """The Triton kernels run CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 
@@ -80,7 +76,7 @@ def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool 
     if not _triton_installed():
         return _refuse("triton: not installed (pip install 'involution[triton]')", raise_error)
     # The environment is read off CUDA only: torch.compile (before torch 2.13) cannot trace it.
-    if device != "cuda" and not (device == "cpu" and _interpreted()):
+    if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         hint = " (set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
         return _refuse(
             f"triton: input is on {device}{hint if device == 'cpu' else ''}", raise_error

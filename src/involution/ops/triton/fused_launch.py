@@ -35,7 +35,7 @@ input is copied to shared memory while this one is summed); ``num_stages`` is le
 default.
 
 Launches are planned once per call signature (the tensors' shapes, strides, dtypes and 16-byte
-alignment, the geometry and the dot precision) and kept in ``_PLANS``: a known call looks its
+alignment, the geometry and the dot precision) and kept in ``_PLANS`` (``plan.py``): a known call looks its
 plans up and, after the first launch, calls the compiled kernels directly, with none of the
 argument building above nor Triton's binding and cache lookup. Before plans, the fused op
 took about 0.4 ms of host time per forward and 0.7 ms per backward (profiled on an H200's host),
@@ -61,6 +61,7 @@ import triton
 
 from .. import layout
 from . import fused_kernels
+from .plan import Plan, signature
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -156,47 +157,14 @@ class Launch:
 _TENSORS = {"forward": 5, "grad_features": 4, "grad_weight": 5, "grad_input": 5}
 
 
-class _Plan:
-    """A launch without its tensors, for the calls of one signature (see :func:`_signature`).
-
-    The first call goes through Triton's launcher, which compiles; later calls go straight to
-    the compiled kernel, with no argument binding or cache lookup in Triton's Python, as the
-    unfused kernels' plans do (``launch.py``).
-    """
-
-    def __init__(self, launch: Launch, tensors: int) -> None:
-        self.kernel = launch.kernel
-        # The compiled kernel's launcher reads three grid sizes (Triton's JIT pads the grid).
-        self.grid = (*launch.grid, 1, 1)[:3]
-        self.scalars = launch.args[tensors:]
-        self.kwargs = launch.kwargs
-        self.compiled: Any = None
-        self.arguments: tuple[Any, ...] = ()
-
-    def __call__(self, *tensors: torch.Tensor) -> None:
-        if self.compiled is not None:
-            self.compiled(*tensors, *self.arguments)
-            return
-        compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.kwargs)
-        # The interpreter returns nothing; it runs every call through the function.
-        if compiled is not None:
-            # The compiled launcher takes every parameter in order, constants included.
-            names = self.kernel.arg_names[len(tensors) + len(self.scalars) :]
-            self.arguments = (*self.scalars, *(self.kwargs[name] for name in names))
-            self.compiled = compiled[self.grid]
+def _plan(launch: Launch, kind: str) -> Plan:
+    """``launch`` as a plan, without its tensors (the first ``_TENSORS[kind]`` arguments)."""
+    constexprs = {k: v for k, v in launch.kwargs.items() if k != "num_warps"}
+    scalars = launch.args[_TENSORS[kind] :]
+    return Plan(launch.kernel, launch.grid, scalars, constexprs, launch.kwargs["num_warps"])
 
 
-_PLANS: dict[tuple, tuple[_Plan, ...]] = {}
-
-
-def _signature(first: torch.Tensor, others: Sequence[torch.Tensor | None], *rest: Any) -> tuple:
-    """What a plan depends on: the tensors' shapes, strides, dtypes and 16-byte alignment
-    (Triton specializes pointers on it), the float32 dot precision and ``rest``."""
-    described = tuple(
-        None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
-        for t in (first, *others)
-    )
-    return (*described, first.device, torch.backends.cudnn.allow_tf32, *rest)
+_PLANS: dict[tuple, tuple[Plan, ...]] = {}
 
 
 def forward_launch(
@@ -390,12 +358,18 @@ def fused_forward(
     if out.numel() == 0:
         return out
     geometry = (kernel_size, stride, padding, dilation)
-    key = ("forward", _signature(input, (features, weight, bias, out), *map(tuple, geometry)))
+    # The dot precision follows a global flag (see _precision).
+    key = (
+        "forward",
+        *map(tuple, geometry),
+        torch.backends.cudnn.allow_tf32,
+        *signature((input, features, weight, bias, out)),
+    )
     plans = _PLANS.get(key)
     if plans is None:
         launch = forward_launch(input, features, weight, bias, *geometry, out)
-        plans = _PLANS[key] = (_Plan(launch, _TENSORS["forward"]),)
-    plans[0](input, features, weight, weight if bias is None else bias, out)
+        plans = _PLANS[key] = (_plan(launch, "forward"),)
+    plans[0].launch(input, features, weight, weight if bias is None else bias, out)
     return out
 
 
@@ -436,11 +410,9 @@ def fused_backward(
     geometry = (kernel_size, stride, padding, dilation)
     key = (
         "backward",
-        _signature(
-            grad_out,
-            (input, features, weight, bias, grad_input, grad_features),
-            *map(tuple, geometry),
-        ),
+        *map(tuple, geometry),
+        torch.backends.cudnn.allow_tf32,
+        *signature((grad_out, input, features, weight, bias, grad_input, grad_features)),
     )
     plans = _PLANS.get(key)
     if plans is None:
@@ -458,13 +430,13 @@ def fused_backward(
         )
         kinds = ("grad_features", "grad_weight", "grad_input")
         plans = _PLANS[key] = tuple(
-            _Plan(launch, _TENSORS[kind]) for launch, kind in zip(launches, kinds, strict=True)
+            _plan(launch, kind) for launch, kind in zip(launches, kinds, strict=True)
         )
     # The tensors of each launch, in the order of backward_launches.
     grad_features_plan, grad_weight_plan, grad_input_plan = plans
-    grad_features_plan(grad_out, input, weight, grad_features)
-    grad_weight_plan(grad_out, input, features, partial_weight, partial_bias)
-    grad_input_plan(grad_out, features, weight, weight if bias is None else bias, grad_input)
+    grad_features_plan.launch(grad_out, input, weight, grad_features)
+    grad_weight_plan.launch(grad_out, input, features, partial_weight, partial_bias)
+    grad_input_plan.launch(grad_out, features, weight, weight if bias is None else bias, grad_input)
     # A fixed-order reduction over the chunks (PyTorch's sum uses no atomics).
     grad_weight = partial_weight.sum(0).to(weight.dtype)
     grad_bias = partial_bias.sum(0).to(weight.dtype)

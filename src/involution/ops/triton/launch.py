@@ -23,7 +23,7 @@ variant per (kernel, geometry, layout, dtype, strip length) and nothing is bench
 use. Everything a launch needs (grid, sizes, strides, compile-time parameters, and after the
 first launch the compiled kernel) is computed from Python integers, once per call signature
 (the three tensors' shapes, strides and pointer alignment, the dtype, device and geometry), and
-kept in ``_PLANS``; a known call only looks up its plan and launches. The outputs are allocated
+kept in ``_PLANS`` as a ``plan.Plan``; a known call only looks up its plan and launches. The outputs are allocated
 by the host wrappers below (``layout.py``, from PyTorch's caching allocator); planning and
 launching allocate nothing and never wait for the device, so the op can be captured in a CUDA
 graph once each call signature has run eagerly (the first run compiles).
@@ -42,6 +42,7 @@ import triton
 
 from .. import layout
 from . import kernels
+from .plan import Plan, signature
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -135,34 +136,7 @@ def _extent(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:], strict=True))
 
 
-@dataclass
-class _Plan:
-    """Everything one launch shape needs; ``compiled`` is filled by its first launch."""
-
-    kernel: Any
-    grid: tuple[int, int, int]
-    scalars: tuple[int, ...]
-    constexprs: dict[str, int | bool]
-    num_warps: int
-    compiled: Any = None
-    arguments: tuple = ()
-
-    def launch(self, *tensors: torch.Tensor) -> None:
-        if self.compiled is not None:
-            # Straight to the compiled kernel's launcher: no argument binding, specialization
-            # or cache lookup in Triton's Python. It takes the constexprs too, and skips them.
-            self.compiled(*tensors, *self.arguments)
-            return
-        compiled = self.kernel[self.grid](
-            *tensors, *self.scalars, **self.constexprs, num_warps=self.num_warps
-        )
-        # The interpreter returns nothing; it runs every call through the function.
-        if compiled is not None:
-            self.arguments = (*self.scalars, *self.constexprs.values())
-            self.compiled = compiled[self.grid]
-
-
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS: dict[tuple, Plan] = {}
 
 
 def _plan(
@@ -178,7 +152,7 @@ def _plan(
     geometry: tuple[Sequence[int], ...],
     lane_grid: Sequence[int],
     residues: int,
-) -> _Plan:
+) -> Plan:
     kernel_size, stride, padding, dilation = geometry
     batch, channels = channel_tensors[0].shape[:2]
     group_channels = channels // groups
@@ -236,7 +210,7 @@ def _plan(
         *strides[1],
         *strides[2],
     )
-    return _Plan(kernel, (batch * blocks, residues, 1), scalars, constexprs, config.num_warps)
+    return Plan(kernel, (batch * blocks, residues, 1), scalars, constexprs, config.num_warps)
 
 
 def _launch(
@@ -262,13 +236,7 @@ def _launch(
     # input size of the input gradient, the groups of the kernel gradient); Triton specializes
     # pointers on 16-byte alignment, so a compiled kernel serves only tensors aligned as those
     # it was compiled for.
-    key = (
-        kernel,
-        *((t.shape, t.stride(), t.data_ptr() % 16) for t in (first, second, out)),
-        first.dtype,
-        first.device,
-        geometry,
-    )
+    key = (kernel, geometry, *signature((first, second, out)))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _plan(
