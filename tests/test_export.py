@@ -262,7 +262,8 @@ def test_traced_form_says_how_involution_is_traced():
         assert export_graph.traced_form() is None  # nothing is tracing
         torch.export.export(Probe(), (torch.randn(2, 3),))
     torch.export.export(Probe(), (torch.randn(2, 3),))
-    assert seen == [None, "aten", "onnx", "aten"]
+    torch.compile(Probe(), fullgraph=True)(torch.randn(2, 3))  # compiled, not exported
+    assert seen == [None, "aten", "onnx", "aten", None]
 
 
 def test_onnx_float16_model(tmp_path):

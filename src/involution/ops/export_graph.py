@@ -69,13 +69,23 @@ def traced_form() -> str | None:
         registered ops stay as single nodes); ``"aten"`` while any other export traces
         (``torch.export``, ``torch.onnx.export`` called directly): :func:`forward`.
     """
-    # torch.compile runs the ops; asked first, since it cannot trace the checks below before
-    # torch 2.13.
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    # torch.compile runs the ops; asked first, since it cannot trace the ContextVar below
+    # before torch 2.13.
+    if torch.compiler.is_compiling() and not _exporting():
         return None
-    if not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+    if not (_exporting() or torch.onnx.is_in_onnx_export()):
         return None
     return "aten" if _BUILDER.get() is None else "onnx"
+
+
+def _exporting() -> bool:
+    """Whether torch.export traces now.
+
+    Before torch 2.13, torch.compile traces ``torch.compiler.is_exporting()`` as True under any
+    compilation, so the flag it returns is read directly where it exists.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 @contextlib.contextmanager
