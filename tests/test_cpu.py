@@ -444,6 +444,49 @@ def test_failing_compiler_falls_back_with_its_reason(tmp_path):
     assert not list((tmp_path / "cache" / "involution").glob("*.so"))
 
 
+def test_compiler_without_openmp_builds_kernels_that_run_on_one_thread(tmp_path):
+    """A compiler that fails with -fopenmp: the kernels are built without it, and say so."""
+    script = tmp_path / "no-openmp-cxx"
+    script.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: no omp" >&2; exit 1; }; '
+        'done\nexec c++ "$@"\n'
+    )
+    script.chmod(0o755)
+    code = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from involution import functional\n"
+        "torch.set_num_threads(2)\n"
+        "x, w = torch.randn(2, 16, 9, 8, dtype=torch.float64), torch.randn(2, 1, 9, 9, 8, "
+        "dtype=torch.float64)\n"
+        "out = functional.involution2d(x, w, 3, backend='cpu')\n"
+        "ref = functional.involution2d(x, w, 3, backend='reference')\n"
+        "torch.testing.assert_close(out, ref)\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=str(SRC), CXX=str(script), XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stderr
+    assert "built without OpenMP, so they run on one thread" in warnings[0]
+    assert "error: no omp" in warnings[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_kernels_share_torchs_openmp_runtime():
+    """One OpenMP runtime in the process: the kernels' threads are torch's, not a second pool."""
+    from involution.ops.cpu.build import library
+
+    library()
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
 def test_second_process_loads_the_cached_library_without_building():
     """This process has built (or loaded) the kernels; another one finds them in the cache."""
     code = (

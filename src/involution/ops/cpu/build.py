@@ -2,16 +2,20 @@
 
 The kernels are built for the machine they run on (``-march=native``) by the system C++
 compiler (``$CXX``, default ``c++``). The source includes no torch header and needs no C++
-runtime, so a build takes a few seconds and does not depend on how torch was built. The shared
-library is cached in ``$XDG_CACHE_HOME/involution`` (default ``~/.cache/involution``) under a
-name that hashes the source, the flags, the compiler's name and the CPU: a new source, compiler
-or machine gets its own build, and later processes load the cached file in milliseconds (without
-needing the compiler).
+runtime, so a build takes 10 to 25 s on two cores and does not depend on how torch was built.
+The shared library is cached in ``$XDG_CACHE_HOME/involution`` (default
+``~/.cache/involution``) under a name that hashes the source, the flags, the compiler's name and
+the CPU: a new source, compiler or machine gets its own build, and later processes load the
+cached file in milliseconds (without needing the compiler).
 
 Why not a torch C++ extension: compiling against torch's headers takes about a minute on two
 cores and needs ninja, and torch as a build requirement would make pip's isolated build fetch a
 second (CUDA) torch. Inductor-generated kernels were not measured against these (BENCHMARKS.md,
 CPU section says so).
+
+Threads come from OpenMP (``-fopenmp``): linked by soname, the library shares the runtime torch
+has loaded, so its parallel regions run on torch's own threads. A compiler that cannot build
+with OpenMP builds without it, and the kernels then run on one thread (one warning says so).
 
 When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; the
 first failure is logged as one warning, and dispatch falls back to the portable backend.
@@ -51,6 +55,8 @@ FLAGS = (
     # GCC notes that 64-byte vector arguments changed ABI in GCC 4.6: internal functions only.
     "-Wno-psabi",
 )
+# Threads (see the module docstring); left out where the compiler fails with it.
+OPENMP = ("-fopenmp",)
 ENTRY_POINTS = (
     "involution_forward",
     "involution_grad_input",
@@ -88,7 +94,7 @@ def _compiler() -> list[str]:
 
 def _target(source: bytes, compiler: list[str]) -> Path:
     key = hashlib.sha256()
-    for part in (source, " ".join(FLAGS).encode(), shlex.join(compiler).encode()):
+    for part in (source, " ".join(FLAGS + OPENMP).encode(), shlex.join(compiler).encode()):
         key.update(part + b"\0")
     key.update(_cpu_identity().encode())
     return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
@@ -110,11 +116,11 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compile(compiler: list[str], source: Path, target: Path) -> None:
+def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, target: Path) -> None:
     """Builds ``target`` through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=target.stem + ".", dir=target.parent)
     os.close(fd)
-    command = [*compiler, *FLAGS, str(source), "-o", tmp]
+    command = [*compiler, *flags, str(source), "-o", tmp]
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
@@ -137,13 +143,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name in ENTRY_POINTS:
         fn = getattr(lib, name)
-        # (problem, fused operands or null, dtype code, first row, end row)
+        # (problem, fused operands or null, dtype code, rows, rows per unit, threads)
         fn.argtypes = [
             ctypes.c_void_p,
             ctypes.c_void_p,
             ctypes.c_int,
             ctypes.c_int64,
             ctypes.c_int64,
+            ctypes.c_int,
         ]
         fn.restype = ctypes.c_int
     return lib
@@ -162,7 +169,15 @@ def _build_and_load() -> ctypes.CDLL:
                 with _exclusive(target.with_suffix(".lock")):
                     if not target.exists():
                         start = time.perf_counter()
-                        _compile(compiler, source, target)
+                        try:
+                            _compile(compiler, (*FLAGS, *OPENMP), source, target)
+                        except BuildError as error:
+                            _compile(compiler, FLAGS, source, target)
+                            logger.warning(
+                                "involution: CPU kernels built without OpenMP, so they run on "
+                                "one thread: %s",
+                                error,
+                            )
                         logger.info(
                             "involution: built the CPU kernels in %.1f s: %s",
                             time.perf_counter() - start,

@@ -2,11 +2,12 @@
 // and the fused op's passes, which generate each pixel's kernel from its hidden features (the
 // span, Eq. 6) inside the kernels instead of reading a stored (B, G, K^n, *out) kernel map.
 //
-// Compiled on first use by build.py with the system C++ compiler (-O3 -march=native) and called
-// through ctypes. It includes no torch header and needs no C++ runtime (no exceptions, no new):
-// the library depends on libc alone, builds in seconds and is vectorized for the CPU it runs on
-// through GCC's generic vector types (8 lanes: one AVX2 register of float32, half an AVX-512
-// one, two SSE ones; the compiler maps them to whatever -march=native offers).
+// Compiled on first use by build.py with the system C++ compiler (-O3 -march=native, and
+// -fopenmp where the compiler has it) and called through ctypes. It includes no torch header and
+// needs no C++ runtime (no exceptions, no new): the library depends on libc and the OpenMP
+// runtime alone, builds in under half a minute and is vectorized for the CPU it runs on through
+// GCC's generic vector types (8 lanes: one AVX2 register of float32, half an AVX-512 one, two SSE
+// ones; the compiler maps them to whatever -march=native offers).
 //
 // Shapes. Geometry is 3D; 1D and 2D problems arrive with leading spatial sizes of 1. Tensors
 // come as a base pointer and element strides, in any layout:
@@ -27,10 +28,10 @@
 // channel vectors (16 float32 channels: two 8-lane vectors). Several pixels are computed at
 // once so that their accumulators form independent chains of fused multiply-adds.
 //
-// Work split. Each entry point computes the rows [row_begin, row_end) of its result, a row being
-// one (b, d, h) line of the output (forward, grad_kernel) or of the input (grad_input); the
-// caller hands disjoint row ranges to its threads. Every result element is computed by one
-// thread in a fixed order, so results are deterministic and do not depend on the thread count.
+// Work split. Each entry point computes the rows of its result, a row being one (b, d, h) line
+// of the output (forward, grad_kernel) or of the input (grad_input), cut into one contiguous
+// range per thread of an OpenMP team (run()). Every result element is computed by one thread in
+// a fixed order, so results are deterministic and do not depend on the thread count.
 // grad_input is a gather over the taps that reach each input pixel: no atomics, no races.
 //
 // Padding follows the reference (an explicitly zero-padded input): a tap in the padding adds
@@ -48,6 +49,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -898,7 +903,7 @@ template <class T> struct FusedGradFeatures {
 };
 
 template <template <class> class Pass>
-int run(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int64_t row_end) {
+int run_rows(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int64_t row_end) {
   switch (dtype) {
     case 0: return Pass<float>::run(*p, f, row_begin, row_end);
     case 1: return Pass<double>::run(*p, f, row_begin, row_end);
@@ -907,42 +912,66 @@ int run(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int64_t 
   }
 }
 
+// The rows [0, rows) in `threads` contiguous ranges of whole units of `unit` rows, one range per
+// thread of an OpenMP team. Built against the OpenMP runtime torch has loaded, the team is
+// torch's own pool of threads: none of them waits for a core held by another pool.
+template <template <class> class Pass>
+int run(const Problem* p, const Fused* f, int dtype, int64_t rows, int64_t unit, int threads) {
+  const int64_t units = (rows + unit - 1) / unit;
+  int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(min : status)
+#endif
+  {
+#ifdef _OPENMP
+    const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int64_t i = 0, n = 1;
+    (void)threads;
+#endif
+    const int64_t begin = units * i / n * unit, end = units * (i + 1) / n * unit;
+    if (begin < rows) status = run_rows<Pass>(p, f, dtype, begin, end < rows ? end : rows);
+  }
+  return status;
+}
+
 }  // namespace
 
 // Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. f: the fused op's operands (null for
-// the unfused passes). Returns 0; -1 when scratch memory could not be allocated; -2 for an
-// unknown dtype.
+// the unfused passes). rows: the result's rows, split among `threads` threads in whole units of
+// `unit` rows. Returns 0; -1 when scratch memory could not be allocated; -2 for an unknown dtype.
 extern "C" {
 
-int involution_forward(const Problem* p, const Fused* f, int dtype, int64_t begin, int64_t end) {
-  return run<Forward>(p, f, dtype, begin, end);
+int involution_forward(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                       int64_t unit, int threads) {
+  return run<Forward>(p, f, dtype, rows, unit, threads);
 }
 
-int involution_grad_input(const Problem* p, const Fused* f, int dtype, int64_t begin,
-                          int64_t end) {
-  return run<GradInput>(p, f, dtype, begin, end);
+int involution_grad_input(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                          int64_t unit, int threads) {
+  return run<GradInput>(p, f, dtype, rows, unit, threads);
 }
 
-int involution_grad_kernel(const Problem* p, const Fused* f, int dtype, int64_t begin,
-                           int64_t end) {
-  return run<GradKernel>(p, f, dtype, begin, end);
+int involution_grad_kernel(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                           int64_t unit, int threads) {
+  return run<GradKernel>(p, f, dtype, rows, unit, threads);
 }
 
 // The fused op: forward; backward = grad_input (the kernel regenerated) + grad_features (the
 // kernel's gradient taken back through the generator).
-int involution_fused_forward(const Problem* p, const Fused* f, int dtype, int64_t begin,
-                             int64_t end) {
-  return run<FusedForward>(p, f, dtype, begin, end);
+int involution_fused_forward(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                             int64_t unit, int threads) {
+  return run<FusedForward>(p, f, dtype, rows, unit, threads);
 }
 
-int involution_fused_grad_input(const Problem* p, const Fused* f, int dtype, int64_t begin,
-                                int64_t end) {
-  return run<FusedGradInput>(p, f, dtype, begin, end);
+int involution_fused_grad_input(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                                int64_t unit, int threads) {
+  return run<FusedGradInput>(p, f, dtype, rows, unit, threads);
 }
 
-int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, int64_t begin,
-                                   int64_t end) {
-  return run<FusedGradFeatures>(p, f, dtype, begin, end);
+int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, int64_t rows,
+                                   int64_t unit, int threads) {
+  return run<FusedGradFeatures>(p, f, dtype, rows, unit, threads);
 }
 
 }  // extern "C"

@@ -14,8 +14,10 @@ channels innermost, contiguous runs for a channels-last tensor and a transpose f
 (the cost of NCHW; see BENCHMARKS.md).
 
 Threads: the rows of the result (one (batch, depth, height) line each) are cut into
-``torch.get_num_threads()`` contiguous ranges, one per thread of a small pool; ctypes releases
-the GIL for the duration of each call. Each result element is computed by one thread in a
+``torch.get_num_threads()`` contiguous ranges, one per thread of an OpenMP team inside the
+kernels: the runtime torch has loaded, so torch's own pool of threads runs them (a second pool
+would wait for cores that torch's threads spin on between operations). ctypes releases the GIL
+for the duration of each call. Each result element is computed by one thread in a
 fixed order, so the results do not depend on the number of threads; the fused backward's weight
 and bias gradients are summed per chunk of rows that depend on the shapes alone, then the chunks
 in order.
@@ -25,9 +27,7 @@ from __future__ import annotations
 
 import array
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -37,28 +37,8 @@ from .build import library
 # Storage dtypes the kernels take (codes of kernels.cpp); bfloat16 accumulates in float32.
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
-# Multiply-adds below which a call stays on one thread: handing work to the pool costs tens
-# of microseconds.
+# Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="involution")
-    return _pool
-
-
-def _forget_pool() -> None:
-    """A forked child has none of the parent's threads: it starts a pool of its own."""
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _strides(t: torch.Tensor | None, leading: int) -> list[int]:
@@ -135,19 +115,12 @@ def _run(
 ) -> None:
     """Calls kernel ``entry`` on ``rows`` result rows, split among threads in whole ``unit``s."""
     fn = getattr(library(), entry)
-    code = DTYPES[dtype]
-    address = problem.buffer_info()[0]
-    fused_address = 0 if fused is None else fused.buffer_info()[0]
     units = -(-rows // unit)
     threads = max(1, min(torch.get_num_threads(), units, macs // _MIN_MACS_PER_THREAD))
-    bounds = [min(rows, units * i // threads * unit) for i in range(threads + 1)]
-    futures = [
-        _executor().submit(fn, address, fused_address, code, bounds[i], bounds[i + 1])
-        for i in range(1, threads)
-    ]
-    codes = [fn(address, fused_address, code, bounds[0], bounds[1])]
-    codes += [f.result() for f in futures]
-    if any(c != 0 for c in codes):
+    address = problem.buffer_info()[0]
+    fused_address = 0 if fused is None else fused.buffer_info()[0]
+    code = fn(address, fused_address, DTYPES[dtype], rows, unit, threads)
+    if code != 0:
         raise MemoryError(f"involution CPU kernel {entry} could not allocate its scratch memory")
 
 
