@@ -13,9 +13,11 @@ cores and needs ninja, and torch as a build requirement would make pip's isolate
 second (CUDA) torch. Inductor-generated kernels were not measured against these (BENCHMARKS.md,
 CPU section says so).
 
-Threads come from OpenMP (``-fopenmp``): linked by soname, the library shares the runtime torch
-has loaded, so its parallel regions run on torch's own threads. A compiler that cannot build
-with OpenMP builds without it, and the kernels then run on one thread (one warning says so).
+Threads come from OpenMP (``-fopenmp``). Where torch's runtime is ``libgomp.so.1`` (the x86-64
+Linux wheels), the library, linked by that soname, shares it, so its parallel regions run on
+torch's own threads. A compiler that fails with ``-fopenmp`` builds without it (cached under
+another name), and the kernels then run on one thread; each process that loads them says so in
+one warning.
 
 When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; the
 first failure is logged as one warning, and dispatch falls back to the portable backend.
@@ -92,9 +94,9 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CXX") or "c++")
 
 
-def _target(source: bytes, compiler: list[str]) -> Path:
+def _target(source: bytes, compiler: list[str], flags: tuple[str, ...]) -> Path:
     key = hashlib.sha256()
-    for part in (source, " ".join(FLAGS + OPENMP).encode(), shlex.join(compiler).encode()):
+    for part in (source, " ".join(flags).encode(), shlex.join(compiler).encode()):
         key.update(part + b"\0")
     key.update(_cpu_identity().encode())
     return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
@@ -159,32 +161,39 @@ def _load(path: Path) -> ctypes.CDLL:
 def _build_and_load() -> ctypes.CDLL:
     compiler = _compiler()
     with resources.as_file(resources.files(__package__) / SOURCE) as source:
-        target = _target(source.read_bytes(), compiler)
-        if not target.exists():
-            if not compiler or shutil.which(compiler[0]) is None:
-                name = compiler[0] if compiler else ""
-                raise BuildError(f"C++ compiler {name!r} not found (set CXX to one)")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with _exclusive(target.with_suffix(".lock")):
-                    if not target.exists():
-                        start = time.perf_counter()
-                        try:
-                            _compile(compiler, (*FLAGS, *OPENMP), source, target)
-                        except BuildError as error:
-                            _compile(compiler, FLAGS, source, target)
-                            logger.warning(
-                                "involution: CPU kernels built without OpenMP, so they run on "
-                                "one thread: %s",
-                                error,
-                            )
-                        logger.info(
-                            "involution: built the CPU kernels in %.1f s: %s",
-                            time.perf_counter() - start,
-                            target,
-                        )
-            except OSError as error:
-                raise BuildError(f"cannot build in {target.parent}: {error}") from error
+        try:
+            return _built(compiler, (*FLAGS, *OPENMP), source)
+        except BuildError as error:
+            if isinstance(error.__cause__, subprocess.TimeoutExpired):
+                raise  # a second build could hang as long again
+            library = _built(compiler, FLAGS, source)
+            logger.warning(
+                "involution: CPU kernels built without OpenMP, so they run on one thread: %s",
+                error,
+            )
+            return library
+
+
+def _built(compiler: list[str], flags: tuple[str, ...], source: Path) -> ctypes.CDLL:
+    """The library built from ``source`` with ``flags``: from the cache, or compiled now."""
+    target = _target(source.read_bytes(), compiler, flags)
+    if not target.exists():
+        if not compiler or shutil.which(compiler[0]) is None:
+            name = compiler[0] if compiler else ""
+            raise BuildError(f"C++ compiler {name!r} not found (set CXX to one)")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(target.with_suffix(".lock")):
+                if not target.exists():
+                    start = time.perf_counter()
+                    _compile(compiler, flags, source, target)
+                    logger.info(
+                        "involution: built the CPU kernels in %.1f s: %s",
+                        time.perf_counter() - start,
+                        target,
+                    )
+        except OSError as error:
+            raise BuildError(f"cannot build in {target.parent}: {error}") from error
     try:
         return _load(target)
     except (OSError, AttributeError) as error:

@@ -913,8 +913,8 @@ int run_rows(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int
 }
 
 // The rows [0, rows) in `threads` contiguous ranges of whole units of `unit` rows, one range per
-// thread of an OpenMP team. Built against the OpenMP runtime torch has loaded, the team is
-// torch's own pool of threads: none of them waits for a core held by another pool.
+// thread of an OpenMP team. Where the library shares torch's OpenMP runtime (build.py), the
+// team is torch's own pool of threads: none of them waits for a core held by another pool.
 template <template <class> class Pass>
 int run(const Problem* p, const Fused* f, int dtype, int64_t rows, int64_t unit, int threads) {
   const int64_t units = (rows + unit - 1) / unit;
