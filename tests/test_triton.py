@@ -417,7 +417,7 @@ def test_refusals_explain_themselves(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match=r"triton: input dtype torch\.float64 is not supported"):
         involution2d(x.double(), w.double(), 3, backend="triton")
-    monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)
+    monkeypatch.setattr(dispatch, "_TRITON_FOUND", False)
     with pytest.raises(RuntimeError, match="triton: not installed"):
         dispatch.can_run_triton(x, w, raise_error=True)
 

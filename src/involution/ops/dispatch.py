@@ -62,10 +62,6 @@ def can_run_torch(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool =
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-def _triton_installed() -> bool:
-    return _TRITON_FOUND
-
-
 def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
     """The Triton kernels run CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 
@@ -73,7 +69,7 @@ def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool 
     (batch, group) row with 32-bit offsets.
     """
     device = input.device.type
-    if not _triton_installed():
+    if not _TRITON_FOUND:
         return _refuse("triton: not installed (pip install 'involution[triton]')", raise_error)
     # The environment is read off CUDA only: torch.compile (before torch 2.13) cannot trace it.
     if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):

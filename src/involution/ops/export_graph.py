@@ -69,10 +69,8 @@ def traced_form() -> str | None:
         registered ops stay as single nodes); ``"aten"`` while any other export traces
         (``torch.export``, ``torch.onnx.export`` called directly): :func:`forward`.
     """
-    # torch.compile runs the ops; asked first, since it cannot trace the ContextVar below
-    # before torch 2.13.
-    if torch.compiler.is_compiling() and not _exporting():
-        return None
+    # Also None under torch.compile, before the ContextVar below, which it cannot trace before
+    # torch 2.13.
     if not (_exporting() or torch.onnx.is_in_onnx_export()):
         return None
     return "aten" if _BUILDER.get() is None else "onnx"

@@ -16,11 +16,11 @@ channels innermost, contiguous runs for a channels-last tensor and a transpose f
 Threads: the rows of the result (one (batch, depth, height) line each) are cut into
 ``torch.get_num_threads()`` contiguous ranges, one per thread of an OpenMP team inside the
 kernels, on torch's own pool of threads where the library shares torch's runtime (``build.py``;
-a second pool would wait for cores that torch's threads spin on between operations). ctypes releases the GIL
-for the duration of each call. Each result element is computed by one thread in a
-fixed order, so the results do not depend on the number of threads; the fused backward's weight
-and bias gradients are summed per chunk of rows that depend on the shapes alone, then the chunks
-in order.
+a second pool would wait for cores that torch's threads spin on between operations). ctypes
+releases the GIL for the duration of each call. Each result element is computed by one thread
+in a fixed order, so the results do not depend on the number of threads; the fused backward's
+weight and bias gradients are summed per chunk of rows that depend on the shapes alone, then
+the chunks in order.
 """
 
 from __future__ import annotations

@@ -35,11 +35,11 @@ input is copied to shared memory while this one is summed); ``num_stages`` is le
 default.
 
 Launches are planned once per call signature (the tensors' shapes, strides, dtypes and 16-byte
-alignment, the geometry and the dot precision) and kept in ``_PLANS`` (``plan.py``): a known call looks its
-plans up and, after the first launch, calls the compiled kernels directly, with none of the
-argument building above nor Triton's binding and cache lookup. Before plans, the fused op
-took about 0.4 ms of host time per forward and 0.7 ms per backward (profiled on an H200's host),
-enough to bind small layers to the host.
+alignment, the geometry and the dot precision) and kept in ``_PLANS`` (``plan.py``): a known
+call looks its plans up and, after the first launch, calls the compiled kernels directly, with
+none of the argument building above nor Triton's binding and cache lookup. Before plans, the
+fused op took about 0.4 ms of host time per forward and 0.7 ms per backward (profiled on an
+H200's host), enough to bind small layers to the host.
 
 float32 dots run in tf32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default),
 as the unfused span, a 1x1 convolution, does; otherwise in full float32.
@@ -153,18 +153,27 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-# Every kernel takes its tensors first, then integers, then compile-time constants.
-_TENSORS = {"forward": 5, "grad_features": 4, "grad_weight": 5, "grad_input": 5}
-
-
-def _plan(launch: Launch, kind: str) -> Plan:
-    """``launch`` as a plan, without its tensors (the first ``_TENSORS[kind]`` arguments)."""
+def _plan(launch: Launch) -> Plan:
+    """``launch`` as a plan, without its tensors: every kernel takes them first, then integers,
+    then compile-time constants."""
+    tensors = next(i for i, a in enumerate(launch.args) if not isinstance(a, torch.Tensor))
     constexprs = {k: v for k, v in launch.kwargs.items() if k != "num_warps"}
-    scalars = launch.args[_TENSORS[kind] :]
+    scalars = launch.args[tensors:]
     return Plan(launch.kernel, launch.grid, scalars, constexprs, launch.kwargs["num_warps"])
 
 
 _PLANS: dict[tuple, tuple[Plan, ...]] = {}
+
+
+def _key(pass_: str, geometry: tuple, tensors: tuple[torch.Tensor | None, ...]) -> tuple:
+    """What the plans of one call depend on; the dot precision follows a global flag (see
+    _precision)."""
+    return (
+        pass_,
+        *map(tuple, geometry),
+        torch.backends.cudnn.allow_tf32,
+        *signature(tensors),
+    )
 
 
 def forward_launch(
@@ -358,17 +367,11 @@ def fused_forward(
     if out.numel() == 0:
         return out
     geometry = (kernel_size, stride, padding, dilation)
-    # The dot precision follows a global flag (see _precision).
-    key = (
-        "forward",
-        *map(tuple, geometry),
-        torch.backends.cudnn.allow_tf32,
-        *signature((input, features, weight, bias, out)),
-    )
+    key = _key("forward", geometry, (input, features, weight, bias, out))
     plans = _PLANS.get(key)
     if plans is None:
         launch = forward_launch(input, features, weight, bias, *geometry, out)
-        plans = _PLANS[key] = (_plan(launch, "forward"),)
+        plans = _PLANS[key] = (_plan(launch),)
     plans[0].launch(input, features, weight, weight if bias is None else bias, out)
     return out
 
@@ -408,11 +411,8 @@ def fused_backward(
     partial_weight = weight.new_empty((chunks, rows, hidden), dtype=torch.float32)
     partial_bias = weight.new_empty((chunks, rows), dtype=torch.float32)
     geometry = (kernel_size, stride, padding, dilation)
-    key = (
-        "backward",
-        *map(tuple, geometry),
-        torch.backends.cudnn.allow_tf32,
-        *signature((grad_out, input, features, weight, bias, grad_input, grad_features)),
+    key = _key(
+        "backward", geometry, (grad_out, input, features, weight, bias, grad_input, grad_features)
     )
     plans = _PLANS.get(key)
     if plans is None:
@@ -428,10 +428,7 @@ def fused_backward(
             partial_weight,
             partial_bias,
         )
-        kinds = ("grad_features", "grad_weight", "grad_input")
-        plans = _PLANS[key] = tuple(
-            _plan(launch, kind) for launch, kind in zip(launches, kinds, strict=True)
-        )
+        plans = _PLANS[key] = tuple(map(_plan, launches))
     # The tensors of each launch, in the order of backward_launches.
     grad_features_plan, grad_weight_plan, grad_input_plan = plans
     grad_features_plan.launch(grad_out, input, weight, grad_features)

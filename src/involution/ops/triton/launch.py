@@ -23,10 +23,11 @@ variant per (kernel, geometry, layout, dtype, strip length) and nothing is bench
 use. Everything a launch needs (grid, sizes, strides, compile-time parameters, and after the
 first launch the compiled kernel) is computed from Python integers, once per call signature
 (the three tensors' shapes, strides and pointer alignment, the dtype, device and geometry), and
-kept in ``_PLANS`` as a ``plan.Plan``; a known call only looks up its plan and launches. The outputs are allocated
-by the host wrappers below (``layout.py``, from PyTorch's caching allocator); planning and
-launching allocate nothing and never wait for the device, so the op can be captured in a CUDA
-graph once each call signature has run eagerly (the first run compiles).
+kept in ``_PLANS`` as a ``plan.Plan``; a known call only looks up its plan and launches. The
+outputs are allocated by the host wrappers below (``layout.py``, from PyTorch's caching
+allocator); planning and launching allocate nothing and never wait for the device, so the op
+can be captured in a CUDA graph once each call signature has run eagerly (the first run
+compiles).
 """
 
 from __future__ import annotations
