@@ -37,8 +37,22 @@ from .build import library
 # Storage dtypes the kernels take (codes of kernels.cpp); bfloat16 accumulates in float32.
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
+# Results smaller than one huge page (2 MiB) cannot use one.
+_HUGE_PAGE = 1 << 21
+
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
+
+
+def _huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a result just allocated and not yet touched, backed by huge pages where Linux allows.
+
+    A large result is otherwise faulted in 4 KiB at a time as the kernels first write it, which
+    took longer than the kernel gradient's own work at 8x256x56x56 (BENCHMARKS.md).
+    """
+    if t.nbytes >= _HUGE_PAGE:
+        library().involution_advise_huge_pages(t.data_ptr(), t.nbytes)
+    return t
 
 
 def _strides(t: torch.Tensor | None, leading: int) -> list[int]:
@@ -134,7 +148,7 @@ def forward(
 ) -> torch.Tensor:
     batch, channels = input.shape[:2]
     out_size = tuple(kernel.shape[3:])
-    out = layout.empty((batch, channels, *out_size), input)
+    out = _huge_pages(layout.empty((batch, channels, *out_size), input))
     if out.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -165,7 +179,7 @@ def grad_input(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     batch, channels = grad_out.shape[:2]
-    grad = layout.empty((batch, channels, *input_size), grad_out)
+    grad = _huge_pages(layout.empty((batch, channels, *input_size), grad_out))
     if grad.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -198,7 +212,7 @@ def grad_kernel(
     batch, channels = input.shape[:2]
     out_size = tuple(grad_out.shape[2:])
     shape = (batch, groups, math.prod(kernel_size), *out_size)
-    grad = layout.empty_kernel(shape, input, layout.channels_last(input))
+    grad = _huge_pages(layout.empty_kernel(shape, input, layout.channels_last(input)))
     if grad.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -270,7 +284,7 @@ def fused_forward(
     """
     batch, channels = input.shape[:2]
     out_size = tuple(features.shape[2:])
-    out = layout.empty((batch, channels, *out_size), input)
+    out = _huge_pages(layout.empty((batch, channels, *out_size), input))
     if out.numel():
         taps = math.prod(kernel_size)
         groups = weight.shape[0] // taps
@@ -318,8 +332,8 @@ def fused_backward(
     taps = math.prod(kernel_size)
     groups, hidden = weight.shape[0] // taps, weight.shape[1]
     geometry = (kernel_size, stride, padding, dilation)
-    grad_input = layout.empty(input.shape, input)
-    grad_features = layout.empty(features.shape, features)
+    grad_input = _huge_pages(layout.empty(input.shape, input))
+    grad_features = _huge_pages(layout.empty(features.shape, features))
     if not grad_out.numel():
         grad_input.zero_()
         grad_features.zero_()
