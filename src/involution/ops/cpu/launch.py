@@ -37,8 +37,10 @@ from .build import library
 # Storage dtypes the kernels take (codes of kernels.cpp); bfloat16 accumulates in float32.
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
-# Results smaller than one huge page (2 MiB) cannot use one.
-_HUGE_PAGE = 1 << 21
+# Results from this size on are backed by huge pages (``_huge_pages``). glibc maps any block above
+# 32 MiB afresh, and each first touch of a 4 KiB page then faults; smaller blocks mostly reuse
+# memory already mapped, where the advice measured no gain (BENCHMARKS.md).
+_HUGE_RESULT_BYTES = 32 << 20
 
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
@@ -48,9 +50,9 @@ def _huge_pages(t: torch.Tensor) -> torch.Tensor:
     """``t``, a result just allocated and not yet touched, backed by huge pages where Linux allows.
 
     A large result is otherwise faulted in 4 KiB at a time as the kernels first write it, which
-    took longer than the kernel gradient's own work at 8x256x56x56 (BENCHMARKS.md).
+    took as long as the kernel gradient's own work at 8x256x56x56 (BENCHMARKS.md).
     """
-    if t.nbytes >= _HUGE_PAGE:
+    if t.nbytes >= _HUGE_RESULT_BYTES:
         library().involution_advise_huge_pages(t.data_ptr(), t.nbytes)
     return t
 
