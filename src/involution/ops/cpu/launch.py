@@ -8,10 +8,10 @@ a 3D one whose leading spatial dimensions have size 1 (kernel size 1, stride 1, 
 dilation 1).
 
 Results are allocated in the layout the op returns (``ops/layout.py``), and the kernels write
-them where they lie. Every operand is read with its own strides: the operand read at every tap
-(the input, or grad_out in grad_input) is copied row by row into a per-thread buffer with its
-channels innermost, contiguous runs for a channels-last tensor and a transpose for an NCHW one
-(the cost of NCHW; see BENCHMARKS.md).
+them where they lie; the largest are backed by huge pages (``_huge_pages``). Every operand is
+read with its own strides: the operand read at every tap (the input, or grad_out in grad_input)
+is copied row by row into a per-thread buffer with its channels innermost, contiguous runs for a
+channels-last tensor and a transpose for an NCHW one (the cost of NCHW; see BENCHMARKS.md).
 
 Threads: the rows of the result (one (batch, depth, height) line each) are cut into
 ``torch.get_num_threads()`` contiguous ranges, one per thread of an OpenMP team inside the
