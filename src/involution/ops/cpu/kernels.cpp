@@ -17,8 +17,9 @@
 //
 // Blocked layout inside. The operand read at every tap (the input; grad_out in grad_input) is
 // copied row by row into a small per-thread cache (RowCache): per group, channels innermost,
-// zero-padded, in the accumulation type. A row is copied once, for all groups in one pass over
-// the tensor, and then read by all the K rows of results that need it, from L1/L2. The copy is
+// zero-padded, in the accumulation type. A row is copied once, for all groups at once (a
+// channels-last one in memory order), and then read by all the K rows of results that need it,
+// from L1/L2. The copy is
 // what makes every layout fast: a channels-last tensor is copied as contiguous runs, an NCHW
 // one is transposed on the way, and the zero padding removes all bounds checks from the inner
 // loops. (Reading channels-last tensors in place was several times slower: with 2^n channels,
@@ -224,12 +225,17 @@ struct Geometry {
         DD(p.dilation[0]), DH(p.dilation[1]), DW(p.dilation[2]) {}
 };
 
+// Copies n contiguous values, n a multiple of 8, as S.
+template <class S, class T>
+inline void copy_vectors(const T* src, int64_t n, S* dst) {
+  for (int64_t c = 0; c < n; c += 8) store8(dst + c, load8(src + c));
+}
+
 // Copies n pixels of cg channels, src[i * sp + c * sc], to dst[i * cg + c] as S.
 template <class S, class T>
 inline void pack_pixels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t cg, S* dst) {
   if (sc == 1 && cg % 8 == 0) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < cg; c += 8) store8(dst + i * cg + c, load8(src + i * sp + c));
+    for (int64_t i = 0; i < n; ++i) copy_vectors(src + i * sp, cg, dst + i * cg);
   } else if (sc == 1 && cg >= 4 && cg < 8 && sp + cg >= 8) {
     // A few contiguous values per pixel (a kernel row of 4 to 7 taps): one 8-lane copy each.
     // It reads past the pixel into the next one (never past the last pixel) and writes into
@@ -274,7 +280,8 @@ class RowCache {
   S* zeros() const { return data_ + slots_ * width_ * cg_; }
 
   // Row (b, d, h) of group gi: copied on first use, for all groups at once (every caller reads
-  // each row for all groups in turn); the zero row outside the tensor.
+  // each row for all groups in turn); the zero row outside the tensor. The pointer stays valid
+  // until row() is asked for another row that maps to the same slot, in any group.
   const S* row(int64_t gi, int64_t b, int64_t d, int64_t h) {
     if (d < 0 || d >= D_ || h < 0 || h >= H_) return zeros();
     const int64_t slot = (d % nd_) * nh_ + h % nh_, key = (b * D_ + d) * H_ + h;
@@ -302,7 +309,7 @@ class RowCache {
       for (int64_t i = lo; i < hi; ++i, from += st_[4])
         for (int64_t gi = 0; gi < G_; ++gi) {
           S* dst = data_ + (gi * group_slots + slot) * row_size + i * cg_;
-          for (int64_t c = 0; c < cg_; c += 8) store8(dst + c, load8(from + gi * cg_ + c));
+          copy_vectors(from + gi * cg_, cg_, dst);
         }
       return;
     }
@@ -1000,17 +1007,18 @@ int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, 
   return run<FusedGradFeatures>(p, f, dtype, rows, unit, threads);
 }
 
-// Asks the kernel to back [p, p + bytes) with huge pages where it can (Linux's transparent huge
-// pages in "madvise" mode), for a freshly allocated result before its first touch: the kernels
-// then fault it in 2 MiB at a time instead of 4 KiB. Only the whole 2 MiB pages inside the range
-// are advised, so memory outside the result is left alone. Returns 0, or -1 where the system
-// has no such advice (nothing is changed).
+// Asks Linux to back [p, p + bytes) with huge pages where it can (transparent huge pages, in
+// "madvise" or "always" mode), for a freshly allocated result before its first touch: the
+// kernels then fault it in 2 MiB at a time instead of 4 KiB. Only the whole 2 MiB pages inside
+// the range are advised, so memory outside the result is left alone. (2 MiB is the huge page of
+// x86-64 and of 4 KiB-page arm64; where huge pages are larger, no whole one fits and nothing is
+// advised.) Returns madvise's result (0 also when no whole page fits; the advice is a hint, and
+// callers go on either way), or -1 where the system has no such advice.
 int involution_advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = (uintptr_t)1 << 21, begin = ((uintptr_t)p + huge - 1) & ~(huge - 1),
                   end = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
-  if (end > begin) madvise((void*)begin, end - begin, MADV_HUGEPAGE);
-  return 0;
+  return end > begin ? madvise((void*)begin, end - begin, MADV_HUGEPAGE) : 0;
 #else
   (void)p;
   (void)bytes;
