@@ -375,6 +375,27 @@ def test_cli_export_onnx_prints_one_line_per_stage_and_nothing_else(tiny, tmp_pa
     assert nonstandard_onnx_domains(path) == set()
 
 
+def test_cli_export_traces_at_the_models_own_image_size(tiny, tmp_path, capsys, monkeypatch):
+    """Without --image-size, a model that gives its image size is traced and checked at it; one
+    that does not, at 224."""
+    from involution.models import _registry
+
+    builder = _registry._MODELS[tiny]
+
+    def with_image_size(**kwargs):
+        net = builder(**kwargs)
+        net.image_size = 24
+        return net
+
+    argv = ["export", "--model", tiny, "--format", "exported-program"]
+    monkeypatch.setitem(_registry._MODELS, tiny, with_image_size)
+    assert main([*argv, "--output", str(tmp_path / "a.pt2")]) == 0
+    assert "on inputs 2x3x24x24, 3x3x19x22" in capsys.readouterr().out
+    monkeypatch.setitem(_registry._MODELS, tiny, builder)
+    assert main([*argv, "--output", str(tmp_path / "b.pt2")]) == 0
+    assert "on inputs 2x3x224x224, 3x3x169x197" in capsys.readouterr().out
+
+
 def test_cli_export_program_from_a_weights_file(tiny, tmp_path, capsys):
     from involution.models import save_weights
 
@@ -410,6 +431,7 @@ def test_cli_export_bad_input(tiny, tmp_path, capsys):
         (["--model", tiny, "--weights", str(tmp_path / "none.safetensors")], "is not a file"),
         ([], "give --model NAME"),
         (["--model", tiny, "--model-arg", "width"], "must be KEY=VALUE"),
+        (["--model", tiny, "--image-size", "0"], "--image-size (0) and --batch-size (2) must be >= 1"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(["export", *argv, "--output", out]) == 2, argv

@@ -132,6 +132,13 @@ def test_cifar_variant_keeps_resolution_in_stem() -> None:
     assert model.forward_features(x).shape == (2, 512, 4, 4)
 
 
+def test_models_give_the_image_size_they_are_built_for() -> None:
+    assert create_model("rednet26_cifar", **SMALL).image_size == 32
+    assert create_model("resnet26_cifar", **SMALL).image_size == 32
+    assert create_model("rednet26", **SMALL).image_size == 224
+    assert create_model("rednet26", stem_stride=1, **SMALL).image_size == 32
+
+
 def test_head_methods() -> None:
     model = create_model("resnet26_cifar", num_classes=10, drop_rate=0.2, **SMALL).eval()
     x = torch.randn(2, 3, 32, 32)

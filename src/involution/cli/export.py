@@ -38,6 +38,8 @@ from involution.export import (
 )
 
 FORMATS = {"onnx": ".onnx", "exported-program": ".pt2"}
+# The input size of models that do not give their own (``image_size``, as RedNet does).
+_IMAGE_SIZE = 224
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file to write (default: the model name with .onnx or .pt2, in the current folder)",
     )
     parser.add_argument(
-        "--image-size", type=int, default=224, help="height and width to trace at (default: 224)"
+        "--image-size",
+        type=int,
+        help="height and width to trace at (default: the model's own, 32 for the *_cifar models, "
+        "else 224)",
     )
     parser.add_argument("--batch-size", type=int, default=2, help="batch to trace at (default: 2)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
@@ -79,7 +84,7 @@ def _stage(text: str) -> Iterator[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.image_size < 1 or args.batch_size < 1:
+        if (args.image_size is not None and args.image_size < 1) or args.batch_size < 1:
             raise ValueError(
                 f"--image-size ({args.image_size}) and --batch-size ({args.batch_size}) must be >= 1"
             )
@@ -92,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             channels = input_channels(model)
             notes.append(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
         output = args.output or Path(name + FORMATS[args.format])
-        size, batch = args.image_size, args.batch_size
+        size = args.image_size or getattr(model, "image_size", _IMAGE_SIZE)
+        batch = args.batch_size
         example = torch.randn(batch, channels, size, size)
         # A second input of other batch and (odd, smaller, so the check stays quick) spatial
         # sizes shows that they stay dynamic.

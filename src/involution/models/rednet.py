@@ -184,6 +184,9 @@ class RedNet(nn.Module):
     fc: nn.Linear | None
     # Set by create_model: the arguments that rebuild this model (see weights.py).
     model_config: dict[str, Any]
+    # Height and width of the images it is built for: 224, or 32 with a stride-1 stem. Tools
+    # such as ``involution export`` take it as their default input size.
+    image_size: int
 
     def __init__(
         self,
@@ -235,6 +238,7 @@ class RedNet(nn.Module):
         self.features_only = features_only
         self.out_indices = out_indices
         self.grad_checkpointing = False
+        self.image_size = 224 if stem_stride == 2 else 32
 
         self.stem = Stem(in_chans, base_width, kind, stem_kernel_size, stem_stride, backend)
         # The cifar variants keep full resolution: no max-pool after a stride-1 stem.
