@@ -75,7 +75,6 @@ def main() -> None:
                 fn()
                 if round_:
                     times[name, p].append(time.perf_counter() - start)
-    variants[names[0]]()
 
     layout = "NCHW" if args.nchw else "channels_last"
     print(f"{args.shape}, K={k}, G={groups}, {layout}, {args.threads} threads, float32")

@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
             channels = input_channels(model)
             notes.append(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
         output = args.output or Path(name + FORMATS[args.format])
-        size = args.image_size or getattr(model, "image_size", _IMAGE_SIZE)
+        size = args.image_size
+        if size is None:
+            size = getattr(model, "image_size", _IMAGE_SIZE)
         batch = args.batch_size
         example = torch.randn(batch, channels, size, size)
         # A second input of other batch and (odd, smaller, so the check stays quick) spatial

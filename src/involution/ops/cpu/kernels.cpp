@@ -19,11 +19,10 @@
 // copied row by row into a small per-thread cache (RowCache): per group, channels innermost,
 // zero-padded, in the accumulation type. A row is copied once, for all groups at once (a
 // channels-last one in memory order), and then read by all the K rows of results that need it,
-// from L1/L2. The copy is
-// what makes every layout fast: a channels-last tensor is copied as contiguous runs, an NCHW
-// one is transposed on the way, and the zero padding removes all bounds checks from the inner
-// loops. (Reading channels-last tensors in place was several times slower: with 2^n channels,
-// the pixels of a group lie 2^n * 4 bytes apart and fall into a few L1 sets.)
+// from L1/L2. The copy is what makes every layout fast: a channels-last tensor is copied as
+// contiguous runs, an NCHW one is transposed on the way, and the zero padding removes all bounds
+// checks from the inner loops. (Reading channels-last tensors in place was several times slower:
+// with 2^n channels, the pixels of a group lie 2^n * 4 bytes apart and fall into a few L1 sets.)
 //
 // Inner loops. Each output pixel of a group is K^n broadcast multiply-adds of the group's
 // channel vectors (16 float32 channels: two 8-lane vectors). Several pixels are computed at
