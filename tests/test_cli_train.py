@@ -3,6 +3,8 @@ evaluation of the trained weights, and clear errors on bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
@@ -431,3 +433,29 @@ def test_list_models(capsys):
     assert "RedNet-26 for 32 x 32 inputs" in lines[1]
     assert main(["list-models", "vgg*"]) == 1
     assert "no model name matches 'vgg*'" in capsys.readouterr().err
+
+
+def test_cpu_training_runs_with_freed_memory_kept(tiny, tmp_path, monkeypatch):
+    # The module, which the package's ``fit`` function hides.
+    fit_module = importlib.import_module("involution.training.fit")
+    state = {"inside": False, "entered": 0, "epochs_inside": 0}
+    real_keep, real_epoch = fit_module.keep_freed_memory, fit_module.train_one_epoch
+
+    @contextlib.contextmanager
+    def keep():
+        state["entered"] += 1
+        with real_keep() as kept:
+            state["inside"] = True
+            try:
+                yield kept
+            finally:
+                state["inside"] = False
+
+    def epoch(*args, **kwargs):
+        state["epochs_inside"] += state["inside"]
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "keep_freed_memory", keep)
+    monkeypatch.setattr(fit_module, "train_one_epoch", epoch)
+    assert main(_tiny_args(tiny, tmp_path, "--epochs", "2")) == 0
+    assert state == {"inside": False, "entered": 1, "epochs_inside": 2}

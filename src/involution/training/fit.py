@@ -21,6 +21,7 @@ precision, augmentation ...) apply from the next epoch. ``model``, ``model_kwarg
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -50,6 +51,7 @@ from .config import AMP_DTYPES, TrainConfig
 from .datasets import DataSets, collate_skipping_corrupt, first_readable, load_data
 from .distributed import DistInfo, broadcast_buffers, setup, teardown
 from .engine import EvalResult, NonFiniteLossError, evaluate, train_one_epoch
+from .malloc import keep_freed_memory
 from .metrics_log import MetricsLogger, write_json
 from .optim import build_optimizer, build_scheduler
 
@@ -277,7 +279,9 @@ def _report_changes(
 def fit(config: TrainConfig) -> FitResult:
     """Trains ``config.model`` on ``config.data`` (see the module docstring).
 
-    On the CPU this turns on ``torch.set_flush_denormal(True)`` for the process (speed).
+    On the CPU this turns on ``torch.set_flush_denormal(True)`` for the process (speed), and
+    keeps freed memory mapped while it trains (:func:`~involution.training.malloc
+    .keep_freed_memory`, with glibc): each step then reuses the memory of the one before.
 
     Raises:
         ValueError, FileNotFoundError: invalid options or data (raised before any training).
@@ -292,7 +296,8 @@ def fit(config: TrainConfig) -> FitResult:
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     try:
-        return _fit(config, info)
+        with keep_freed_memory() if info.device.type == "cpu" else contextlib.nullcontext():
+            return _fit(config, info)
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown()
