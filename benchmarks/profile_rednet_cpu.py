@@ -26,7 +26,7 @@ from torch import nn
 
 from involution import create_model
 from involution.nn import _InvolutionNd
-from involution.training.malloc import keep_freed_memory
+from involution.training.memory import keep_freed_memory
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:

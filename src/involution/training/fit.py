@@ -51,7 +51,7 @@ from .config import AMP_DTYPES, TrainConfig
 from .datasets import DataSets, collate_skipping_corrupt, first_readable, load_data
 from .distributed import DistInfo, broadcast_buffers, setup, teardown
 from .engine import EvalResult, NonFiniteLossError, evaluate, train_one_epoch
-from .malloc import keep_freed_memory
+from .memory import keep_freed_memory
 from .metrics_log import MetricsLogger, write_json
 from .optim import build_optimizer, build_scheduler
 
@@ -280,8 +280,9 @@ def fit(config: TrainConfig) -> FitResult:
     """Trains ``config.model`` on ``config.data`` (see the module docstring).
 
     On the CPU this turns on ``torch.set_flush_denormal(True)`` for the process (speed), and
-    keeps freed memory mapped while it trains (:func:`~involution.training.malloc
-    .keep_freed_memory`, with glibc): each step then reuses the memory of the one before.
+    where the allocator is glibc's, turns its trimming of freed memory off while it trains, so
+    that each step reuses the memory of the one before; glibc's thresholds stay fixed for the
+    rest of the process (see :func:`involution.training.memory.keep_freed_memory`).
 
     Raises:
         ValueError, FileNotFoundError: invalid options or data (raised before any training).
