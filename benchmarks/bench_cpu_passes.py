@@ -5,11 +5,11 @@ on random inputs at one shape, in rounds that alternate between results backed b
 (what the backend does from ``_HUGE_RESULT_BYTES`` on) and results left on 4 KiB pages, in one
 process, so that a machine whose speed drifts slows both alike. Each pass runs twice in a row
 and the second call is timed, freeing its result included: the steady state of a training
-loop, where every step allocates the same results. (The first huge-page call after the other variant's calls was up to 2.5x
-slower than the next one; the cause was not found. A loop that alternates torch's own large
-allocations with the advised pass does not show it: BENCHMARKS.md.) Prints the median time of
-each pass and variant, and their ratio; the results of the two variants are compared for
-equality.
+loop, where every step allocates the same results. (The first huge-page call after the other
+variant's calls was up to 2.5x slower than the next one; the cause was not found. A loop that
+alternates torch's own large allocations with the advised pass does not show it:
+BENCHMARKS.md.) Prints the median time of each pass and variant, and their ratio; the results of
+the two variants are compared for equality.
 
 Usage:
     PYTHONPATH=src python benchmarks/bench_cpu_passes.py [--shape 8x256x56x56] [--nchw]

@@ -5,7 +5,7 @@ threshold, which it adjusts as mapped blocks are freed: at most 64 MiB, twice it
 threshold for giving a block a mapping of its own (32 MiB). A training step frees its
 activations when it ends, usually more than that, so the next step faults them in again, 4 KiB
 at a time, each page zeroed by the kernel. Training RedNet-26 on the demo's digits, that was
-1.1-1.8 million page faults and 4-6 s of system time in 2-3 epochs (BENCHMARKS.md).
+1.4-1.8 million page faults and 5-6 s of system time in 3 epochs (BENCHMARKS.md).
 :func:`keep_freed_memory` turns the trimming off for the duration of a run, so that each step
 reuses the memory of the one before, as the allocators PyTorch's CPU tuning guide suggests
 (jemalloc, tcmalloc) do.
