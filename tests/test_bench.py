@@ -5,7 +5,9 @@ No test asserts a wall-clock time: timings are only checked to be positive and f
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
 import io
 import json
 import math
@@ -214,6 +216,51 @@ def test_cli_bench_op_json(tmp_path, capsys):
         ("conv2d depthwise", "forward+backward"),
     ]
     assert all(_positive(r["floor_fraction"]) for r in document["rows"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "measure"),
+    [
+        (["op", "--shapes", "1x16x6x6", "2x16x5x5", "--kernel-size", "3", "--backends", "torch",
+          "--baselines", "--copy-mib", "0"], "op_bench.benchmark_op"),
+        (["model", "--models", "rednet26_cifar", "resnet26_cifar", "--model-arg",
+          "base_width=16", "--batch-size", "2", "--image-size", "32", "--modes", "training"],
+         "model_bench.benchmark_model"),
+    ],
+)  # fmt: skip
+def test_cli_bench_cpu_measures_with_freed_memory_kept(argv, measure, tmp_path, monkeypatch):
+    # As fit() trains: every measurement runs inside keep_freed_memory, which is left afterwards,
+    # and the metadata says what it yielded.
+    bench_cli = importlib.import_module("involution.cli.bench")
+    state = {"inside": False, "entered": 0, "measured_inside": 0, "measured": 0, "kept": None}
+    real_keep = bench_cli.keep_freed_memory
+    module_name, function_name = measure.split(".")
+    module = getattr(bench_cli, module_name)
+    real_measure = getattr(module, function_name)
+
+    @contextlib.contextmanager
+    def keep():
+        state["entered"] += 1
+        with real_keep() as kept:
+            state["inside"], state["kept"] = True, kept
+            try:
+                yield kept
+            finally:
+                state["inside"] = False
+
+    def spy(*args, **kwargs):
+        state["measured"] += 1
+        state["measured_inside"] += state["inside"]
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench_cli, "keep_freed_memory", keep)
+    monkeypatch.setattr(module, function_name, spy)
+    out = tmp_path / "bench.json"
+    common = ["--device", "cpu", "--repeats", "1", "--format", "json", "--output", str(out)]
+    assert main(["bench", *argv, *common]) == 0
+    assert (state["entered"], state["measured"], state["measured_inside"]) == (1, 2, 2)
+    assert not state["inside"]
+    assert json.loads(out.read_text())["metadata"]["freed_memory_kept"] is state["kept"]
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,10 @@
                            CPU (deployment latency)
 
 Timing: warm-up calls, then the median of the repeats (perf_counter on the CPU, CUDA events on
-GPUs). Peak memory: above what was live before the call (CUDA allocator statistics; on the CPU
-the allocations recorded by torch.profiler). Examples:
+GPUs). On the CPU, ``op`` and ``model`` run as ``involution train`` does, with the memory that
+one call frees kept mapped for the next (``involution.training.memory.keep_freed_memory``); the
+metadata says whether it was. Peak memory: above what was live before the call (CUDA allocator
+statistics; on the CPU the allocations recorded by torch.profiler). Examples:
 
   involution bench op --device cpu --backends reference torch cpu --baselines depthwise \\
       --passes forward forward+backward --channels-last
@@ -21,6 +23,7 @@ the allocations recorded by torch.profiler). Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -41,6 +44,7 @@ from involution.cli._options import (
     parse_model_args,
     setup_device,
 )
+from involution.training.memory import keep_freed_memory
 
 _DTYPES = {
     "float32": torch.float32,
@@ -346,7 +350,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         device = setup_device(args)
-        rows, metadata, chart = args._bench(args, device)
+        steady = device.type == "cpu" and args.target in ("op", "model")
+        with keep_freed_memory() if steady else contextlib.nullcontext(None) as kept:
+            rows, metadata, chart = args._bench(args, device)
+        if kept is not None:
+            metadata["freed_memory_kept"] = kept
         metadata["command"] = shlex.join(["involution", *sys.argv[1:]])
         text = format_rows(rows, args.format, metadata)
         if args.output is None:

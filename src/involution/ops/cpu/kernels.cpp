@@ -28,6 +28,11 @@
 // channel vectors (16 float32 channels: two 8-lane vectors). Several pixels are computed at
 // once so that their accumulators form independent chains of fused multiply-adds.
 //
+// Prefetch. A stored kernel's values of one group lie a whole pixel (G * K^n values) apart, and
+// the results of one group a pixel (C values) apart in channels last: strides that the hardware
+// prefetchers did not follow. forward and grad_input hint the next group's kernel values and
+// result lines into L2 (prefetch()) while they compute the current group.
+//
 // Work split. Each entry point computes the rows of its result, a row being one (b, d, h) line
 // of the output (forward, grad_kernel) or of the input (grad_input), cut into one contiguous
 // range per thread of an OpenMP team (run()). Every result element is computed by one thread in
@@ -397,6 +402,7 @@ struct StoredKernel {
   int64_t group, tap, pixel;
   StoredKernel(const T* k_, const int64_t* ks_)
       : k(k_), ks(ks_), group(ks_[1]), tap(ks_[2]), pixel(ks_[5]) {}
+  static constexpr bool stored = true;  // rows read from memory, worth prefetching
   bool ok() const { return true; }
   const T* row(int64_t b, int64_t d, int64_t h) const {
     return k + b * ks[0] + d * ks[3] + h * ks[4];
@@ -444,6 +450,7 @@ class GeneratedKernel {
     free(wt_);
     free(tag_);
   }
+  static constexpr bool stored = false;  // rows computed on first use
   bool ok() const { return wt_ && tag_; }
 
   const S* row(int64_t b, int64_t d, int64_t h) {
@@ -493,6 +500,25 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
   }
   for (int j = 0; j < P; ++j)
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
+}
+
+// Hints the cache lines of the values p[i * si + j * sj], i < ni, j < nj, into L2, one hint
+// per line along a contiguous dimension (si or sj = 1), else per value. WRITE: for writing.
+// Always inlined: GCC drops calls to a function whose only effect is a hint.
+template <bool WRITE, class T>
+__attribute__((always_inline)) inline void prefetch(const T* p, int64_t ni, int64_t si,
+                                                    int64_t nj, int64_t sj) {
+  if (si == 1 && sj != 1) {  // the contiguous dimension inside
+    const int64_t n = ni, s = si;
+    ni = nj, si = sj, nj = n, sj = s;
+  }
+  const int64_t bytes = (sj == 1 ? nj : 1) * (int64_t)sizeof(T), runs = sj == 1 ? 1 : nj;
+  for (int64_t i = 0; i < ni; ++i)
+    for (int64_t j = 0; j < runs; ++j) {
+      const uintptr_t first = (uintptr_t)(p + i * si + j * sj);
+      for (uintptr_t line = first & ~(uintptr_t)63; line < first + bytes; line += 64)
+        __builtin_prefetch((const void*)line, WRITE, 2);
+    }
 }
 
 // The channel blocks of one group: 16 channels at a time, then 8, then one by one.
@@ -555,17 +581,34 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
     free(rows);
     return -1;
   }
-  const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg;
+  const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg, taps = nrows * g.KW;
+  const int64_t kt = kernel.tap, kp = kernel.pixel;
+  // The unit's kernel values (when stored) and output, (b, od, oh) being row.
+  auto kernel_of = [&](int64_t row, int64_t gi) {
+    return kernel.row(row / g.OH / g.OD, row / g.OH % g.OD, row % g.OH) + gi * kernel.group;
+  };
+  auto out_of = [&](int64_t row, int64_t gi) {
+    return (T*)p.out + row / g.OH / g.OD * os[0] + row / g.OH % g.OD * os[2] +
+           row % g.OH * os[3] + gi * g.cg * os[1];
+  };
   for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    const K* k = kernel.row(b, od, oh) + gi * kernel.group;
-    const int64_t kt = kernel.tap, kp = kernel.pixel;
+    const K* k = kernel_of(row, gi);
     input_rows(cache, g, gi, b, od, oh, rows);
-    T* o = (T*)p.out + b * os[0] + od * os[2] + oh * os[3] + gi * g.cg * os[1];
+    T* o = out_of(row, gi);
+    // The next unit's kernel (when stored) and output lines, hinted a block of pixels at a
+    // time while this unit is computed (see Prefetch at the top).
+    const int64_t next_row = gi + 1 < g.G ? row : row + 1, next_gi = gi + 1 < g.G ? gi + 1 : 0;
+    const bool ahead = next_row < row_end;
+    const K* next_k = ahead && Kernel::stored ? kernel_of(next_row, next_gi) : nullptr;
+    T* next_o = ahead ? out_of(next_row, next_gi) : nullptr;
     int64_t ow = 0;
-    for (; ow + P <= g.OW; ow += P)
+    for (; ow + P <= g.OW; ow += P) {
+      if (next_k) prefetch<false>(next_k + ow * kp, P, kp, taps, kt);
+      if (next_o) prefetch<true>(next_o + ow * os[4], P, os[4], g.cg, os[1]);
       forward_pixels<S, T, K, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
                                  o + ow * os[4], os[4], os[1]);
+    }
     for (; ow < g.OW; ++ow)
       forward_pixels<S, T, K, 1>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
                                  o + ow * os[4], os[4], os[1]);
@@ -794,9 +837,13 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
                              (d_tap[a] * g.KH + h_tap[f]) * g.KW * kernel.tap +
                              (o_lo + m_lo) * kernel.pixel;
           pack_pixels(from, kernel.pixel, kernel.tap, m_hi - m_lo, g.KW, kr + m_lo * g.KW);
+          // The next group's values of this kernel row, hinted while this group is computed.
+          if (Kernel::stored && gi + 1 < g.G)
+            prefetch<false>(from + kernel.group, m_hi - m_lo, kernel.pixel, g.KW, kernel.tap);
         }
       }
       T* o_g = o_row + gi * g.cg * os[1];
+      if (gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
       const int64_t op = g.SW * os[4];
       for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
         const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
