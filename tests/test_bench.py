@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import io
 import json
 import math
@@ -17,6 +16,7 @@ import torch
 
 from involution.benchmark import OpShape, benchmark_op, copy_bandwidth, measure_time, peak_memory
 from involution.benchmark.report import bar_chart, format_rows, format_table
+from involution.cli import bench as bench_cli
 from involution.cli.__main__ import main
 
 MIB = 1 << 20
@@ -231,7 +231,6 @@ def test_cli_bench_op_json(tmp_path, capsys):
 def test_cli_bench_cpu_measures_with_freed_memory_kept(argv, measure, tmp_path, monkeypatch):
     # As fit() trains: every measurement runs inside keep_freed_memory, which is left afterwards,
     # and the metadata says what it yielded.
-    bench_cli = importlib.import_module("involution.cli.bench")
     state = {"inside": False, "entered": 0, "measured_inside": 0, "measured": 0, "kept": None}
     real_keep = bench_cli.keep_freed_memory
     module_name, function_name = measure.split(".")

@@ -28,10 +28,11 @@
 // channel vectors (16 float32 channels: two 8-lane vectors). Several pixels are computed at
 // once so that their accumulators form independent chains of fused multiply-adds.
 //
-// Prefetch. A stored kernel's values of one group lie a whole pixel (G * K^n values) apart, and
-// the results of one group a pixel (C values) apart in channels last: strides that the hardware
-// prefetchers did not follow. forward and grad_input hint the next group's kernel values and
-// result lines into L2 (prefetch()) while they compute the current group.
+// Prefetch. In channels last, the values of one group lie a whole pixel apart: G * K^n values
+// in a stored kernel, C in the results (in NCHW, a kernel's taps lie a plane apart). The
+// hardware prefetchers did not follow these strides, so forward and grad_input hint the next
+// group's stored kernel values (into L2) and result lines (for writing) to the cache while they
+// compute the current group (prefetch()).
 //
 // Work split. Each entry point computes the rows of its result, a row being one (b, d, h) line
 // of the output (forward, grad_kernel) or of the input (grad_input), cut into one contiguous
@@ -502,9 +503,9 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
-// Hints the cache lines of the values p[i * si + j * sj], i < ni, j < nj, into L2, one hint
-// per line along a contiguous dimension (si or sj = 1), else per value. WRITE: for writing.
-// Always inlined: GCC drops calls to a function whose only effect is a hint.
+// Hints the cache lines of the values p[i * si + j * sj], i < ni, j < nj, to the cache (reads
+// into L2; WRITE: for writing), one hint per line along a contiguous dimension (si or sj = 1),
+// else per value. Always inlined: GCC drops calls to a function whose only effect is a hint.
 template <bool WRITE, class T>
 __attribute__((always_inline)) inline void prefetch(const T* p, int64_t ni, int64_t si,
                                                     int64_t nj, int64_t sj) {
@@ -600,7 +601,10 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
     // time while this unit is computed (see Prefetch at the top).
     const int64_t next_row = gi + 1 < g.G ? row : row + 1, next_gi = gi + 1 < g.G ? gi + 1 : 0;
     const bool ahead = next_row < row_end;
-    const K* next_k = ahead && Kernel::stored ? kernel_of(next_row, next_gi) : nullptr;
+    const K* next_k = nullptr;
+    if constexpr (Kernel::stored) {  // a generated row would be computed (and overwritten)
+      if (ahead) next_k = kernel_of(next_row, next_gi);
+    }
     T* next_o = ahead ? out_of(next_row, next_gi) : nullptr;
     int64_t ow = 0;
     for (; ow + P <= g.OW; ow += P) {
@@ -803,6 +807,9 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
     return -1;
   }
   int64_t *d_tap = table, *d_out = d_tap + g.KD, *h_tap = d_out + g.KD, *h_out = h_tap + g.KH;
+  // The next group's kernel values and result row are hinted whole, so only where they fit in
+  // a quarter of a typical L2 (a long 1D row would evict this group's buffers).
+  const bool hint = (max_rows * width * g.KW + g.IW * g.cg) * (int64_t)sizeof(T) <= (128 << 10);
   // The taps of each residue rho: kw with (rho + PW - kw * DW) = o * SW for an output column o.
   const int64_t e = g.SW / gcd(g.SW, g.DW), mstep = -(g.DW / gcd(g.SW, g.DW));
   for (int64_t rho = 0; rho < g.SW; ++rho) {
@@ -838,12 +845,14 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
                              (o_lo + m_lo) * kernel.pixel;
           pack_pixels(from, kernel.pixel, kernel.tap, m_hi - m_lo, g.KW, kr + m_lo * g.KW);
           // The next group's values of this kernel row, hinted while this group is computed.
-          if (Kernel::stored && gi + 1 < g.G)
-            prefetch<false>(from + kernel.group, m_hi - m_lo, kernel.pixel, g.KW, kernel.tap);
+          if constexpr (Kernel::stored) {
+            if (hint && gi + 1 < g.G)
+              prefetch<false>(from + kernel.group, m_hi - m_lo, kernel.pixel, g.KW, kernel.tap);
+          }
         }
       }
       T* o_g = o_row + gi * g.cg * os[1];
-      if (gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
+      if (hint && gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
       const int64_t op = g.SW * os[4];
       for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
         const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
