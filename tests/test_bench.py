@@ -238,9 +238,9 @@ def test_cli_bench_cpu_measures_with_freed_memory_kept(argv, measure, tmp_path, 
     real_measure = getattr(module, function_name)
 
     @contextlib.contextmanager
-    def keep():
+    def keep(*args):
         state["entered"] += 1
-        with real_keep() as kept:
+        with real_keep(*args) as kept:
             state["inside"], state["kept"] = True, kept
             try:
                 yield kept

@@ -442,9 +442,9 @@ def test_cpu_training_runs_with_freed_memory_kept(tiny, tmp_path, monkeypatch):
     real_keep, real_epoch = fit_module.keep_freed_memory, fit_module.train_one_epoch
 
     @contextlib.contextmanager
-    def keep():
+    def keep(*args):
         state["entered"] += 1
-        with real_keep() as kept:
+        with real_keep(*args) as kept:
             state["inside"] = True
             try:
                 yield kept

@@ -113,3 +113,9 @@ def test_without_glibc_nothing_is_set(monkeypatch):
     assert memory._glibc() is None
     with memory.keep_freed_memory() as kept:
         assert kept is False
+
+
+def test_other_devices_change_nothing(libc):
+    with memory.keep_freed_memory("cuda") as kept:
+        assert kept is False
+    assert libc.calls == []

@@ -350,8 +350,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         device = setup_device(args)
-        steady = device.type == "cpu" and args.target in ("op", "model")
-        with keep_freed_memory() if steady else contextlib.nullcontext(None) as kept:
+        steady = args.target in ("op", "model")  # torch's own calls, timed as training makes them
+        with keep_freed_memory(device) if steady else contextlib.nullcontext(None) as kept:
             rows, metadata, chart = args._bench(args, device)
         if kept is not None:
             metadata["freed_memory_kept"] = kept

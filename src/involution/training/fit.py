@@ -21,7 +21,6 @@ precision, augmentation ...) apply from the next epoch. ``model``, ``model_kwarg
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -297,7 +296,7 @@ def fit(config: TrainConfig) -> FitResult:
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     try:
-        with keep_freed_memory() if info.device.type == "cpu" else contextlib.nullcontext():
+        with keep_freed_memory(info.device):
             return _fit(config, info)
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])

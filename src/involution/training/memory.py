@@ -24,6 +24,8 @@ import os
 import platform
 from collections.abc import Iterator
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["keep_freed_memory"]
@@ -73,8 +75,8 @@ def _user_settings() -> list[str]:
 
 
 @contextlib.contextmanager
-def keep_freed_memory() -> Iterator[bool]:
-    """Turns glibc's trimming of freed memory off inside the block.
+def keep_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
+    """Turns glibc's trimming of freed memory off inside the block, for work on ``device``.
 
     Sets glibc's mmap threshold to 32 MiB and turns its trim threshold off. On leaving, even by
     an exception, the trim threshold is set to 64 MiB and the free memory is given back to the
@@ -82,7 +84,8 @@ def keep_freed_memory() -> Iterator[bool]:
     (32 and 64 MiB, where its own adjustment of them ends on 64-bit systems) and no longer
     adjusts them.
 
-    Nothing is changed where the allocator is not glibc's, or where the user has set glibc's
+    Nothing is changed for a device other than the CPU (its tensors are not glibc's), where
+    the allocator is not glibc's, or where the user has set glibc's
     allocator through its environment variables (``MALLOC_TRIM_THRESHOLD_`` and the like, or
     ``glibc.malloc`` tunables): setting one of them is also the way to opt out. Nested or
     concurrent blocks are not counted: the first to end turns trimming back on.
@@ -90,6 +93,9 @@ def keep_freed_memory() -> Iterator[bool]:
     Yields:
         Whether trimming was turned off.
     """
+    if torch.device(device).type != "cpu":
+        yield False
+        return
     libc = _glibc()
     if libc is None:
         logger.debug("freed memory is not kept: the allocator is not glibc's")
