@@ -1,15 +1,21 @@
-"""The cpu backend's passes with large results on huge pages and on 4 KiB pages, alternating.
+"""The cpu backend's passes with their large results' memory three ways, alternating.
 
 Times ``forward``, ``grad_input`` and ``grad_kernel`` of the cpu backend (``ops/cpu/launch.py``)
-on random inputs at one shape, in rounds that alternate between results backed by huge pages
-(what the backend does from ``_HUGE_RESULT_BYTES`` on) and results left on 4 KiB pages, in one
-process, so that a machine whose speed drifts slows both alike. Each pass runs twice in a row
-and the second call is timed, freeing its result included: the steady state of a training
-loop, where every step allocates the same results. (The first huge-page call after the other
-variant's calls was up to 2.5x slower than the next one; the cause was not found. A loop that
-alternates torch's own large allocations with the advised pass does not show it:
-BENCHMARKS.md.) Prints the median time of each pass and variant, and their ratio; the results of
-the two variants are compared for equality.
+on random inputs at one shape, in rounds that alternate, in one process (so that a machine whose
+speed drifts slows all alike), between the ways ``ops/cpu/results.py`` can give a large result
+memory:
+
+* ``fresh``: a mapping of its own, advised huge pages (what the backend does from
+  ``results.LARGE_BYTES`` on);
+* ``kept``: the same inside ``results.keep()``, where a freed result's mapping is reused (what
+  a training run does);
+* ``4 KiB pages``: PyTorch's allocator (glibc maps such a block afresh, on 4 KiB pages).
+
+Each pass runs twice in a row and the second call is timed, freeing its result included: the
+steady state of a training loop, where every step allocates the same results. (The first
+huge-page call after the other variants' calls was up to 2.5x slower than the next one; the
+cause was not found: BENCHMARKS.md.) Prints the median time of each pass and variant, and the
+ratios to ``fresh``; the results of the variants are compared for equality.
 
 Usage:
     PYTHONPATH=src python benchmarks/bench_cpu_passes.py [--shape 8x256x56x56] [--nchw]
@@ -19,22 +25,32 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from involution.ops.cpu import launch
+from involution.ops.cpu import launch, results
 
 
-def _variants() -> dict[str, Callable[[], None]]:
-    """Name -> a function that makes the backend run that variant."""
-    size = launch._HUGE_RESULT_BYTES
-    return {
-        "huge pages": lambda: setattr(launch, "_HUGE_RESULT_BYTES", size),
-        "4 KiB pages": lambda: setattr(launch, "_HUGE_RESULT_BYTES", 1 << 62),
-    }
+@contextlib.contextmanager
+def _small_pages() -> Iterator[None]:
+    size = results.LARGE_BYTES
+    results.LARGE_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        results.LARGE_BYTES = size
+
+
+# Name -> a block inside which the backend runs that variant.
+_VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "fresh": contextlib.nullcontext,
+    "kept": results.keep,
+    "4 KiB pages": _small_pages,
+}
 
 
 def main() -> None:
@@ -62,32 +78,44 @@ def main() -> None:
         "grad_input": lambda: launch.grad_input(grad_out, kernel, (height, width), *geometry),
         "grad_kernel": lambda: launch.grad_kernel(grad_out, x, *geometry, groups),
     }
-    variants = _variants()
-    names = list(variants)
+    names = list(_VARIANTS)
     times: dict[tuple[str, str], list[float]] = {(v, p): [] for v in names for p in passes}
-    results: dict[tuple[str, str], torch.Tensor] = {}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name in names if round_ % 2 == 0 else names[::-1]:
-            variants[name]()
-            for p, fn in passes.items():
-                results[name, p] = fn()  # settles the allocator after the other variant
-                start = time.perf_counter()
-                fn()
-                if round_:
-                    times[name, p].append(time.perf_counter() - start)
+            with _VARIANTS[name]():
+                for p, fn in passes.items():
+                    fn()  # settles the allocator after the other variants
+                    start = time.perf_counter()
+                    fn()
+                    if round_:
+                        times[name, p].append(time.perf_counter() - start)
+    outputs = {}
+    for name in names:
+        with _VARIANTS[name]():
+            outputs.update({(name, p): fn() for p, fn in passes.items()})
 
     layout = "NCHW" if args.nchw else "channels_last"
     print(f"{args.shape}, K={k}, G={groups}, {layout}, {args.threads} threads, float32")
     print(f"median ms of {args.rounds} alternating rounds")
-    print(f"{'pass':12s} {names[0]:>14s} {names[1]:>14s} {'ratio':>7s}")
-    total = [0.0, 0.0]
+    others = names[1:]
+    header = "".join(f"{v:>13s}" for v in names) + "".join(
+        f"{v + ' / ' + names[0]:>22s}" for v in others
+    )
+    print(f"{'pass':12s}{header}")
+    total = dict.fromkeys(names, 0.0)
     for p in passes:
-        a, b = (statistics.median(times[v, p]) * 1e3 for v in names)
-        total[0] += a
-        total[1] += b
-        same = "" if torch.equal(results[names[0], p], results[names[1], p]) else "  (differ)"
-        print(f"{p:12s} {a:14.1f} {b:14.1f} {b / a:7.2f}{same}")
-    print(f"{'sum':12s} {total[0]:14.1f} {total[1]:14.1f} {total[1] / total[0]:7.2f}")
+        ms = {v: statistics.median(times[v, p]) * 1e3 for v in names}
+        for v in names:
+            total[v] += ms[v]
+        same = all(torch.equal(outputs[names[0], p], outputs[v, p]) for v in others)
+        row = "".join(f"{ms[v]:13.1f}" for v in names) + "".join(
+            f"{ms[v] / ms[names[0]]:22.2f}" for v in others
+        )
+        print(f"{p:12s}{row}{'' if same else '  (differ)'}")
+    row = "".join(f"{total[v]:13.1f}" for v in names) + "".join(
+        f"{total[v] / total[names[0]]:22.2f}" for v in others
+    )
+    print(f"{'sum':12s}{row}")
 
 
 if __name__ == "__main__":

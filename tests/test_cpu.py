@@ -8,8 +8,6 @@ compares the output and both gradients with the reference backend in float64 on 
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 
 from involution import functional
 from involution import nn as involution_nn
-from involution.ops import dispatch, layout, portable
+from involution.ops import dispatch, layout
 from involution.ops.cpu import launch
 
 from conftest import assert_close_for, composed_reference, make_fused_inputs, make_inputs
@@ -490,91 +488,6 @@ def test_kernels_share_torchs_openmp_runtime():
         names = (line.split()[-1] for line in maps)
         runtimes = {name for name in names if "gomp" in name or "omp5" in name or "libomp" in name}
     assert len(runtimes) == 1, runtimes
-
-
-_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The flags Linux keeps for the mapping that holds ``address`` (``hg``: huge pages advised)."""
-    inside = found = False
-    with open("/proc/self/smaps", encoding="utf-8") as smaps:
-        for line in smaps:
-            first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
-                start, end = (int(v, 16) for v in first.split("-"))
-                inside = start <= address < end
-                found = found or inside
-            elif inside and first == "VmFlags:":
-                return line.split()[1:]
-    if found:
-        pytest.skip("this kernel's smaps has no VmFlags lines")
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(not _THP.exists(), reason="needs Linux with transparent huge pages")
-def test_huge_page_advice_covers_only_whole_pages_inside_the_range():
-    from involution.ops.cpu.build import library
-
-    huge = 1 << 21
-    with mmap.mmap(-1, 8 * huge) as region:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-        first = (base + huge - 1) // huge * huge  # the first whole huge page
-        begin = first + huge // 2  # a range starting mid-page ...
-        assert library().involution_advise_huge_pages(begin, 3 * huge) == 0
-        # ... holds the next two whole pages, which are advised; its first half page is not.
-        assert "hg" in _vm_flags(first + huge) and "hg" in _vm_flags(first + 3 * huge - 1)
-        assert "hg" not in _vm_flags(begin) and "hg" not in _vm_flags(first + 3 * huge)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_large_results_are_advised_huge_pages_and_correct(channels_last, monkeypatch):
-    """Every pass advises each result from the size limit on (lowered here to keep the test
-    small), over exactly the result's bytes; the plain passes' values match the portable
-    backend."""
-    from involution.ops.cpu.build import library
-
-    lib = library()
-    advise = lib.involution_advise_huge_pages
-    advised = []
-
-    def spy(address, nbytes):
-        advised.append((address, nbytes))
-        return advise(address, nbytes)
-
-    monkeypatch.setattr(lib, "involution_advise_huge_pages", spy)
-    monkeypatch.setattr(launch, "_HUGE_RESULT_BYTES", 1 << 21)
-    x, w, _ = make_inputs(2, 8, 128, 8, (32, 32), 7, dtype=torch.float32)  # 4 MiB and more
-    g = torch.randn(8, 128, 32, 32)
-    features, weight = torch.randn(8, 4, 32, 32), torch.randn(8 * 49, 4)
-    if channels_last:
-        x, w, g, features = (
-            _channels_last(x),
-            _pixel_major(w),
-            _channels_last(g),
-            _channels_last(features),
-        )
-    geometry = ((7, 7), (1, 1), (3, 3), (1, 1))
-    plain = {
-        "forward": (launch.forward(x, w, *geometry), portable.forward(x, w, *geometry)),
-        "grad_input": (
-            launch.grad_input(g, w, (32, 32), *geometry),
-            portable.grad_input(g, w, (32, 32), *geometry),
-        ),
-        "grad_kernel": (
-            launch.grad_kernel(g, x, *geometry, 8),
-            portable.grad_kernel(g, x, *geometry, 8),
-        ),
-    }
-    for result, expected in plain.values():
-        assert_close_for(torch.float32, result, expected)
-    fused_out = launch.fused_forward(x, features, weight, None, *geometry)
-    fused_grad_input = launch.fused_backward(g, x, features, weight, None, *geometry)[0]
-    results = [result for result, _ in plain.values()] + [fused_out, fused_grad_input]
-    for result in results:
-        assert result.nbytes >= 1 << 21
-        assert (result.data_ptr(), result.nbytes) in advised
-    assert len(advised) == len(results)  # the smaller results (features' gradient) are not
 
 
 def test_second_process_loads_the_cached_library_without_building():

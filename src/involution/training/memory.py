@@ -1,4 +1,4 @@
-"""Keeping freed memory mapped while training on the CPU, where the allocator is glibc's.
+"""Keeping freed memory mapped while training on the CPU.
 
 glibc gives the free memory at the top of its heap back to the system once it exceeds a trim
 threshold, which it adjusts as mapped blocks are freed: at most 64 MiB, twice its largest
@@ -11,8 +11,9 @@ reuses the memory of the one before, as the allocators PyTorch's CPU tuning guid
 (jemalloc, tcmalloc) do.
 
 Blocks of 32 MiB and more keep their own mappings, which are unmapped when freed, as glibc does
-by default (the largest results of the CPU kernels are advised huge pages for that reason,
-``ops/cpu/launch.py``).
+by default. The largest of them in RedNet are the CPU kernels' results (the kernel gradient is
+three times its input), and those have memory of their own (``ops/cpu/results.py``), which the
+block keeps for reuse as well, whatever the allocator.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import platform
 from collections.abc import Iterator
 
 import torch
+
+from ..ops.cpu import results
 
 logger = logging.getLogger(__name__)
 
@@ -76,26 +79,35 @@ def _user_settings() -> list[str]:
 
 @contextlib.contextmanager
 def keep_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
-    """Turns glibc's trimming of freed memory off inside the block, for work on ``device``.
+    """Keeps freed memory for reuse inside the block, for work on ``device``.
 
-    Sets glibc's mmap threshold to 32 MiB and turns its trim threshold off. On leaving, even by
+    On the CPU, the CPU kernels' large results are kept (``ops/cpu/results.py``: given back when
+    the outermost block ends), and glibc's trimming of freed memory is turned off: this sets
+    glibc's mmap threshold to 32 MiB and turns its trim threshold off. On leaving, even by
     an exception, the trim threshold is set to 64 MiB and the free memory is given back to the
     system (``malloc_trim``). For the rest of the process glibc keeps these two thresholds
     (32 and 64 MiB, where its own adjustment of them ends on 64-bit systems) and no longer
     adjusts them.
 
-    Nothing is changed for a device other than the CPU (its tensors are not glibc's), where
-    the allocator is not glibc's, or where the user has set glibc's
-    allocator through its environment variables (``MALLOC_TRIM_THRESHOLD_`` and the like, or
-    ``glibc.malloc`` tunables): setting one of them is also the way to opt out. Nested or
-    concurrent blocks are not counted: the first to end turns trimming back on.
+    Nothing is changed for a device other than the CPU. glibc is left alone where the allocator
+    is not glibc's, or where the user has set glibc's allocator through its environment
+    variables (``MALLOC_TRIM_THRESHOLD_`` and the like, or ``glibc.malloc`` tunables): setting
+    one of them is also the way to opt out. Nested or concurrent blocks are not counted for
+    glibc: the first to end turns trimming back on.
 
     Yields:
-        Whether trimming was turned off.
+        Whether glibc's trimming was turned off.
     """
     if torch.device(device).type != "cpu":
         yield False
         return
+    with results.keep(), _untrimmed() as untrimmed:
+        yield untrimmed
+
+
+@contextlib.contextmanager
+def _untrimmed() -> Iterator[bool]:
+    """glibc's trimming turned off inside the block, where glibc can be set (see above)."""
     libc = _glibc()
     if libc is None:
         logger.debug("freed memory is not kept: the allocator is not glibc's")

@@ -155,8 +155,6 @@ def _load(path: Path) -> ctypes.CDLL:
             ctypes.c_int,
         ]
         fn.restype = ctypes.c_int
-    lib.involution_advise_huge_pages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.involution_advise_huge_pages.restype = ctypes.c_int
     return lib
 
 

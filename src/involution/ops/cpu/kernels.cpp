@@ -56,10 +56,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1060,25 +1056,6 @@ int involution_fused_grad_input(const Problem* p, const Fused* f, int dtype, int
 int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, int64_t rows,
                                    int64_t unit, int threads) {
   return run<FusedGradFeatures>(p, f, dtype, rows, unit, threads);
-}
-
-// Asks Linux to back [p, p + bytes) with huge pages where it can (transparent huge pages, in
-// "madvise" or "always" mode), for a freshly allocated result before its first touch: the
-// kernels then fault it in 2 MiB at a time instead of 4 KiB. Only the whole 2 MiB pages inside
-// the range are advised, so memory outside the result is left alone. (2 MiB is the huge page of
-// x86-64 and of 4 KiB-page arm64; where huge pages are larger, no whole one fits and nothing is
-// advised.) Returns madvise's result (0 also when no whole page fits; the advice is a hint, and
-// callers go on either way), or -1 where the system has no such advice.
-int involution_advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = (uintptr_t)1 << 21, begin = ((uintptr_t)p + huge - 1) & ~(huge - 1),
-                  end = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
-  return end > begin ? madvise((void*)begin, end - begin, MADV_HUGEPAGE) : 0;
-#else
-  (void)p;
-  (void)bytes;
-  return -1;
-#endif
 }
 
 }  // extern "C"

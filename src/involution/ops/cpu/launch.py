@@ -8,7 +8,7 @@ a 3D one whose leading spatial dimensions have size 1 (kernel size 1, stride 1, 
 dilation 1).
 
 Results are allocated in the layout the op returns (``ops/layout.py``), and the kernels write
-them where they lie; the largest are backed by huge pages (``_huge_pages``). Every operand is
+them where they lie; the largest on memory of their own (``results.py``). Every operand is
 read with its own strides: the operand read at every tap (the input, or grad_out in grad_input)
 is copied row by row into a per-thread buffer with its channels innermost, contiguous runs for a
 channels-last tensor and a transpose for an NCHW one (the cost of NCHW; see BENCHMARKS.md).
@@ -32,29 +32,27 @@ from collections.abc import Sequence
 import torch
 
 from .. import layout
+from . import results
 from .build import library
 
 # Storage dtypes the kernels take (codes of kernels.cpp); bfloat16 accumulates in float32.
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
-# Results from this size on are backed by huge pages (``_huge_pages``). glibc maps any block above
-# 32 MiB afresh, and each first touch of a 4 KiB page then faults; smaller blocks mostly reuse
-# memory already mapped, where the advice measured no gain (BENCHMARKS.md).
-_HUGE_RESULT_BYTES = 32 << 20
-
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
 
 
-def _huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """``t``, a result just allocated and not yet touched, backed by huge pages where Linux allows.
-
-    A large result is otherwise faulted in 4 KiB at a time as the kernels first write it, which
-    took as long as the kernel gradient's own work at 8x256x56x56 (BENCHMARKS.md).
-    """
-    if t.nbytes >= _HUGE_RESULT_BYTES:
-        library().involution_advise_huge_pages(t.data_ptr(), t.nbytes)
-    return t
+def _empty(shape: Sequence[int], like: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """An uninitialized result in the layout the op returns for ``like`` (``ops/layout.py``):
+    (B, C, *spatial), or with ``kernel`` a (B, G, T, *out) kernel gradient. The large ones get
+    memory of their own (``results.py``)."""
+    if math.prod(shape) * like.element_size() >= results.LARGE_BYTES:
+        like = like.to("meta")  # the layout alone, then the memory
+    if kernel:
+        t = layout.empty_kernel(shape, like, layout.channels_last(like))
+    else:
+        t = layout.empty(shape, like)
+    return t if t.device.type == "cpu" else results.empty(t.shape, t.stride(), t.dtype)
 
 
 def _strides(t: torch.Tensor | None, leading: int) -> list[int]:
@@ -150,7 +148,7 @@ def forward(
 ) -> torch.Tensor:
     batch, channels = input.shape[:2]
     out_size = tuple(kernel.shape[3:])
-    out = _huge_pages(layout.empty((batch, channels, *out_size), input))
+    out = _empty((batch, channels, *out_size), input)
     if out.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -181,7 +179,7 @@ def grad_input(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     batch, channels = grad_out.shape[:2]
-    grad = _huge_pages(layout.empty((batch, channels, *input_size), grad_out))
+    grad = _empty((batch, channels, *input_size), grad_out)
     if grad.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -214,7 +212,7 @@ def grad_kernel(
     batch, channels = input.shape[:2]
     out_size = tuple(grad_out.shape[2:])
     shape = (batch, groups, math.prod(kernel_size), *out_size)
-    grad = _huge_pages(layout.empty_kernel(shape, input, layout.channels_last(input)))
+    grad = _empty(shape, input, kernel=True)
     if grad.numel():
         geometry = (kernel_size, stride, padding, dilation)
         problem = _problem(
@@ -286,7 +284,7 @@ def fused_forward(
     """
     batch, channels = input.shape[:2]
     out_size = tuple(features.shape[2:])
-    out = _huge_pages(layout.empty((batch, channels, *out_size), input))
+    out = _empty((batch, channels, *out_size), input)
     if out.numel():
         taps = math.prod(kernel_size)
         groups = weight.shape[0] // taps
@@ -334,8 +332,8 @@ def fused_backward(
     taps = math.prod(kernel_size)
     groups, hidden = weight.shape[0] // taps, weight.shape[1]
     geometry = (kernel_size, stride, padding, dilation)
-    grad_input = _huge_pages(layout.empty(input.shape, input))
-    grad_features = _huge_pages(layout.empty(features.shape, features))
+    grad_input = _empty(input.shape, input)
+    grad_features = _empty(features.shape, features)
     if not grad_out.numel():
         grad_input.zero_()
         grad_features.zero_()

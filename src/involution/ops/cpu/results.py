@@ -1,0 +1,98 @@
+"""Memory for the CPU kernels' large results: huge pages, and reuse while a training run lasts.
+
+A result of :data:`LARGE_BYTES` or more (the kernel gradient at 8x256x56x56 is 75 MiB) gets an
+anonymous mapping of its own, as glibc would give it, advised huge pages before its first touch:
+the kernels then fault it in 2 MiB at a time instead of 4 KiB, which otherwise took as long as
+the kernel gradient's own work (BENCHMARKS.md). The result starts on a 2 MiB boundary of its
+mapping, so that all of it can be huge pages.
+
+A mapping is still a fresh one at every call, zeroed by the system page by page: 12-16 ms of
+system time per training step at that shape. Inside :func:`keep`, which
+``training.memory.keep_freed_memory`` enters for a training run, the mapping of a freed result
+is kept, and the next result of the same size reuses it, already faulted in. The kept mappings
+are given back when the outermost block ends.
+
+Smaller results come from PyTorch's allocator as usual. Where Python has no huge-page advice
+(not Linux), every result does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["LARGE_BYTES", "empty", "keep", "kept_bytes"]
+
+# Results from this size on get mappings of their own: glibc's largest threshold for the same.
+LARGE_BYTES = 32 << 20
+# The huge page of x86-64 and of 4 KiB-page arm64 (larger ones are simply not used).
+_HUGE_PAGE = 1 << 21
+
+_lock = threading.Lock()
+_keeping = 0  # open keep() blocks
+_kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, while _keeping
+
+
+def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor with this shape, stride and dtype (a dense layout)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < LARGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty_strided(shape, stride, dtype=dtype)
+    # One huge page more than needed, so that a 2 MiB boundary leaves room for the whole result.
+    size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
+    with _lock:
+        reused = _kept.get(size)
+        region = reused.pop() if reused else None
+    if region is None:
+        # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    # The tensor holds the view, and the view the mapping: the mapping comes back to _freed when
+    # the last tensor on it is gone.
+    view = memoryview(region)
+    weakref.finalize(view, _freed, region).atexit = False
+    flat = torch.frombuffer(view, dtype=torch.uint8)
+    start = -flat.data_ptr() % _HUGE_PAGE
+    return flat[start : start + nbytes].view(dtype).as_strided(shape, stride)
+
+
+def _freed(region: mmap.mmap) -> None:
+    with _lock:
+        if _keeping:
+            _kept.setdefault(len(region), []).append(region)
+            return
+    region.close()
+
+
+@contextlib.contextmanager
+def keep() -> Iterator[None]:
+    """Inside the block, the mappings of freed large results are kept for the next ones.
+
+    Blocks nest: the kept mappings are given back when the outermost ends, even by an exception.
+    Results still alive then give theirs back when they are freed.
+    """
+    global _keeping
+    with _lock:
+        _keeping += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _keeping -= 1
+            given_back = [] if _keeping else [r for rs in _kept.values() for r in rs]
+            if not _keeping:
+                _kept.clear()
+        for region in given_back:
+            region.close()
+
+
+def kept_bytes() -> int:
+    """The bytes of freed results' mappings kept now."""
+    with _lock:
+        return sum(size * len(regions) for size, regions in _kept.items())
