@@ -65,6 +65,20 @@ def test_peak_memory_ignores_what_was_live_before_and_frees_of_it():
     assert peak_memory(lambda: None) == 0
 
 
+def test_peak_memory_counts_the_cpu_kernels_large_results(monkeypatch):
+    """Results with memory of their own (ops/cpu/results.py; from 2 MiB on here) are counted."""
+    from involution.ops import dispatch
+    from involution.ops.cpu import launch, results
+
+    if not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)):
+        pytest.skip("the CPU kernels could not be built on this machine")
+    monkeypatch.setattr(results, "LARGE_BYTES", 2 * MIB)
+    x, grad_out = torch.randn(4, 64, 32, 32), torch.randn(4, 64, 32, 32)
+    geometry = ((7, 7), (1, 1), (3, 3), (1, 1))
+    nbytes = 4 * 4 * 49 * 32 * 32 * 4  # the kernel gradient, 3.1 MiB
+    assert peak_memory(lambda: launch.grad_kernel(grad_out, x, *geometry, 4)) >= nbytes
+
+
 def test_copy_bandwidth_is_positive():
     assert _positive(copy_bandwidth("cpu", nbytes=4 * MIB, warmup=1, repeats=2))
     with pytest.raises(ValueError, match="nbytes"):

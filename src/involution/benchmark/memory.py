@@ -5,7 +5,9 @@ the bytes allocated before the call. The CPU has no such counter, so the call ru
 ``torch.profiler`` with ``profile_memory=True``: every allocation and free is then recorded with
 its size and time, and the running sum of those events, in time order, is the live memory the
 call added; its maximum is the peak. The result of the call is still held when the
-measurement ends, so it counts toward the peak (as an output buffer must).
+measurement ends, so it counts toward the peak (as an output buffer must). The profiler sees
+PyTorch's allocator only, so the call's CPU kernels take their large results from it as well
+(``ops/cpu/results.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from ..ops.cpu import results
 from .timing import synchronize
 
 __all__ = ["peak_memory"]
 
 
 def _cpu_peak(fn: Callable[[], object]) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        results.by_torch(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         result = fn()
     del result
     events = [

@@ -13,7 +13,8 @@ is kept, and the next result of the same size reuses it, already faulted in. The
 are given back when the outermost block ends.
 
 Smaller results come from PyTorch's allocator as usual. Where Python has no huge-page advice
-(not Linux), every result does.
+(not Linux), and inside :func:`by_torch` (the CPU's peak-memory measurement, which sees
+PyTorch's allocations only), every result does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["LARGE_BYTES", "empty", "keep", "kept_bytes"]
+__all__ = ["LARGE_BYTES", "by_torch", "empty", "keep", "kept_bytes"]
 
 # Results from this size on get mappings of their own: glibc's largest threshold for the same.
 LARGE_BYTES = 32 << 20
@@ -37,12 +38,13 @@ _HUGE_PAGE = 1 << 21
 _lock = threading.Lock()
 _keeping = 0  # open keep() blocks
 _kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, while _keeping
+_by_torch = False
 
 
 def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor with this shape, stride and dtype (a dense layout)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < LARGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < LARGE_BYTES or _by_torch or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty_strided(shape, stride, dtype=dtype)
     # One huge page more than needed, so that a 2 MiB boundary leaves room for the whole result.
     size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
@@ -96,3 +98,15 @@ def kept_bytes() -> int:
     """The bytes of freed results' mappings kept now."""
     with _lock:
         return sum(size * len(regions) for size, regions in _kept.items())
+
+
+@contextlib.contextmanager
+def by_torch() -> Iterator[None]:
+    """Inside the block, every result comes from PyTorch's allocator, the one that
+    ``torch.profiler`` records (``benchmark/memory.py`` measures the CPU's peaks so)."""
+    global _by_torch
+    before, _by_torch = _by_torch, True
+    try:
+        yield
+    finally:
+        _by_torch = before
