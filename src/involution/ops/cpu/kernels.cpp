@@ -774,9 +774,18 @@ inline int64_t taps_reaching(int64_t i, int64_t out_size, int64_t k, int64_t s, 
   return n;
 }
 
-// The slots of output rows (in depth, in height) that one input row reads: the rows of
-// grad_out and, in the fused op, of the generated kernel.
-inline int64_t reaching_rows(int64_t K, int64_t D, int64_t S) { return (K - 1) * D / S + 1; }
+// The slots of output rows (in depth, in height) that `block` consecutive input rows read: the
+// rows of grad_out and, in the fused op, of the generated kernel.
+inline int64_t reaching_rows(int64_t K, int64_t D, int64_t S, int64_t block = 1) {
+  return ((K - 1) * D + block - 1) / S + 1;
+}
+
+// Input rows that grad_input computes for one group before the next group. Each reads one tap
+// row of every kernel row that reaches it, and a cache line holds parts of two or three tap
+// rows: computed one input row at a time for all groups, the lines were evicted from L2 before
+// the next input row read the rest of them. 7 rows: 0.8x the time of one in NCHW, 0.9x in
+// channels last at 8x256x56x56 (4 and 14 were no better; BENCHMARKS.md).
+constexpr int64_t kInputBlock = 7;
 
 template <class T, class Kernel>
 int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end) {
@@ -789,7 +798,8 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
   const int64_t width = floor_div(g.IW - 1 + g.PW, g.SW) - o_lo + 1;
   const int64_t m_lo = clamp(-o_lo, 0, width), m_hi = clamp(g.OW - o_lo, m_lo, width);
   RowCache<S, T> cache((const T*)p.a, p.a_stride, g.G, g.OD, g.OH, g.OW, g.cg, o_lo, width,
-                       reaching_rows(g.KD, g.DD, g.SD), reaching_rows(g.KH, g.DH, g.SH));
+                       reaching_rows(g.KD, g.DD, g.SD),
+                       reaching_rows(g.KH, g.DH, g.SH, kInputBlock));
   const int64_t max_rows = g.KD * g.KH;
   S* kbuf = (S*)malloc(sizeof(S) * max_rows * width * g.KW);
   const S** grows = (const S**)malloc(sizeof(S*) * max_rows);
@@ -822,48 +832,55 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
       }
     }
   }
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t ih = row % g.IH, id = row / g.IH % g.ID, b = row / g.IH / g.ID;
-    const int64_t nd = taps_reaching(id, g.OD, g.KD, g.SD, g.PD, g.DD, d_tap, d_out);
-    const int64_t nh = taps_reaching(ih, g.OH, g.KH, g.SH, g.PH, g.DH, h_tap, h_out);
-    const int64_t nrows = nd * nh;
-    T* o_row = (T*)p.out + b * os[0] + id * os[2] + ih * os[3];
+  for (int64_t row0 = row_begin; row0 < row_end;) {
+    // A block of input rows of one (b, d) plane, computed group by group.
+    int64_t row1 = row0 - row0 % g.IH + g.IH;
+    if (row1 > row0 + kInputBlock) row1 = row0 + kInputBlock;
+    if (row1 > row_end) row1 = row_end;
     for (int64_t gi = 0; gi < g.G; ++gi) {
-      for (int64_t a = 0; a < nd; ++a) {
-        for (int64_t f = 0; f < nh; ++f) {
-          const int64_t r = a * nh + f;
-          grows[r] = cache.row(gi, b, d_out[a], h_out[f]);
-          S* kr = kbuf + r * width * g.KW;
-          memset(kr, 0, sizeof(S) * m_lo * g.KW);
-          memset(kr + m_hi * g.KW, 0, sizeof(S) * (width - m_hi) * g.KW);
-          const auto* from = kernel.row(b, d_out[a], h_out[f]) + gi * kernel.group +
-                             (d_tap[a] * g.KH + h_tap[f]) * g.KW * kernel.tap +
-                             (o_lo + m_lo) * kernel.pixel;
-          pack_pixels(from, kernel.pixel, kernel.tap, m_hi - m_lo, g.KW, kr + m_lo * g.KW);
-          // The next group's values of this kernel row, hinted while this group is computed.
-          if constexpr (Kernel::stored) {
-            if (hint && gi + 1 < g.G)
-              prefetch<false>(from + kernel.group, m_hi - m_lo, kernel.pixel, g.KW, kernel.tap);
+      for (int64_t row = row0; row < row1; ++row) {
+        const int64_t ih = row % g.IH, id = row / g.IH % g.ID, b = row / g.IH / g.ID;
+        const int64_t nd = taps_reaching(id, g.OD, g.KD, g.SD, g.PD, g.DD, d_tap, d_out);
+        const int64_t nh = taps_reaching(ih, g.OH, g.KH, g.SH, g.PH, g.DH, h_tap, h_out);
+        const int64_t nrows = nd * nh;
+        T* o_row = (T*)p.out + b * os[0] + id * os[2] + ih * os[3];
+        for (int64_t a = 0; a < nd; ++a) {
+          for (int64_t f = 0; f < nh; ++f) {
+            const int64_t r = a * nh + f;
+            grows[r] = cache.row(gi, b, d_out[a], h_out[f]);
+            S* kr = kbuf + r * width * g.KW;
+            memset(kr, 0, sizeof(S) * m_lo * g.KW);
+            memset(kr + m_hi * g.KW, 0, sizeof(S) * (width - m_hi) * g.KW);
+            const auto* from = kernel.row(b, d_out[a], h_out[f]) + gi * kernel.group +
+                               (d_tap[a] * g.KH + h_tap[f]) * g.KW * kernel.tap +
+                               (o_lo + m_lo) * kernel.pixel;
+            pack_pixels(from, kernel.pixel, kernel.tap, m_hi - m_lo, g.KW, kr + m_lo * g.KW);
+            // The next group's values of this kernel row, hinted while this group is computed.
+            if constexpr (Kernel::stored) {
+              if (hint && gi + 1 < g.G)
+                prefetch<false>(from + kernel.group, m_hi - m_lo, kernel.pixel, g.KW, kernel.tap);
+            }
           }
         }
-      }
-      T* o_g = o_row + gi * g.cg * os[1];
-      if (hint && gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
-      const int64_t op = g.SW * os[4];
-      for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
-        const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
-        T* o = o_g + rho * os[4];
-        Reach re = reach[rho];
-        // Column q + P of a residue reads P buffer columns further than column q.
-        int64_t q = 0;
-        for (; q + P <= count; q += P, re.k0 += P * g.KW, re.g0 += P * g.cg, o += P * op)
-          grad_input_pixels<S, T, P>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
-                                     os[1]);
-        for (; q < count; ++q, re.k0 += g.KW, re.g0 += g.cg, o += op)
-          grad_input_pixels<S, T, 1>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
-                                     os[1]);
+        T* o_g = o_row + gi * g.cg * os[1];
+        if (hint && gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
+        const int64_t op = g.SW * os[4];
+        for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
+          const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
+          T* o = o_g + rho * os[4];
+          Reach re = reach[rho];
+          // Column q + P of a residue reads P buffer columns further than column q.
+          int64_t q = 0;
+          for (; q + P <= count; q += P, re.k0 += P * g.KW, re.g0 += P * g.cg, o += P * op)
+            grad_input_pixels<S, T, P>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
+                                       os[1]);
+          for (; q < count; ++q, re.k0 += g.KW, re.g0 += g.cg, o += op)
+            grad_input_pixels<S, T, 1>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
+                                       os[1]);
+        }
       }
     }
+    row0 = row1;
   }
   free(reach);
   free(kbuf);
@@ -976,7 +993,7 @@ template <class T> struct FusedGradInput {
   static int run(const Problem& p, const Fused* f, int64_t a, int64_t b) {
     const Geometry g(p);
     GeneratedKernel<typename Acc<T>::S, T> kernel(p, *f, reaching_rows(g.KD, g.DD, g.SD),
-                                                  reaching_rows(g.KH, g.DH, g.SH));
+                                                  reaching_rows(g.KH, g.DH, g.SH, kInputBlock));
     return grad_input<T>(p, kernel, a, b);
   }
 };
