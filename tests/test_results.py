@@ -90,6 +90,35 @@ def test_a_freed_result_is_reused_inside_keep_and_given_back_after(small_limit):
     assert _mapping(address) is None
 
 
+def test_a_smaller_result_reuses_the_smallest_kept_mapping_that_fits(small_limit):
+    with results.keep():
+        large = results.empty((8, 64, 64, 64), (64 * 64 * 64, 1, 64 * 64, 64), torch.float32)
+        larger = results.empty((16, 64, 64, 64), (64 * 64 * 64, 1, 64 * 64, 64), torch.float32)
+        addresses = large.data_ptr(), larger.data_ptr()
+        del large, larger
+        small = results.empty(SHAPE, CL_STRIDE, torch.float32)
+        assert small.data_ptr() == addresses[0]
+        values = torch.randn(SHAPE)
+        small.copy_(values)
+        assert torch.equal(small, values)
+
+
+def test_kept_and_live_mappings_stay_within_the_most_live_at_once(small_limit):
+    """A result of another size does not pile a new mapping onto the kept ones."""
+    with results.keep():
+        a = results.empty(SHAPE, CL_STRIDE, torch.float32)  # the peak: one result
+        address = a.data_ptr()
+        del a
+        kept = results.kept_bytes()
+        assert kept > 0
+        b = results.empty((8, 64, 64, 64), (64 * 64 * 64, 1, 64 * 64, 64), torch.float32)
+        assert results.kept_bytes() == 0  # a's mapping was given back for b's ...
+        start = b.data_ptr() - HUGE  # ... and unmapped, or b's mapping took its place
+        assert _mapping(address) is None or start <= address < b.data_ptr() + b.nbytes
+        del b
+        assert results.kept_bytes() > kept
+
+
 def test_outside_keep_a_freed_result_gives_its_mapping_back(small_limit):
     a = results.empty(SHAPE, CL_STRIDE, torch.float32)
     address = a.data_ptr()

@@ -9,8 +9,11 @@ mapping, so that all of it can be huge pages.
 A mapping is still a fresh one at every call, zeroed by the system page by page: 12-16 ms of
 system time per training step at that shape. Inside :func:`keep`, which
 ``training.memory.keep_freed_memory`` enters for a training run, the mapping of a freed result
-is kept, and the next result of the same size reuses it, already faulted in. The kept mappings
-are given back when the outermost block ends.
+is kept, and the next result that fits in it reuses it, already faulted in (the smallest that
+fits). The kept mappings are given back when the outermost block ends, and whenever a new
+mapping would make the kept and live ones together more than the most that live ones have
+taken at once in the block: results whose sizes change, as in multi-scale training, do not
+pile up.
 
 Smaller results come from PyTorch's allocator as usual. Where Python has no huge-page advice
 (not Linux), and inside :func:`by_torch` (the CPU's peak-memory measurement, which sees
@@ -37,7 +40,9 @@ _HUGE_PAGE = 1 << 21
 
 _lock = threading.Lock()
 _keeping = 0  # open keep() blocks
-_kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, while _keeping
+_kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, oldest first, while _keeping
+_live = 0  # bytes of the mappings of live results
+_peak = 0  # the most _live has been in the current keep() block
 _by_torch = False
 
 
@@ -48,9 +53,9 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
         return torch.empty_strided(shape, stride, dtype=dtype)
     # One huge page more than needed, so that a 2 MiB boundary leaves room for the whole result.
     size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
-    with _lock:
-        reused = _kept.get(size)
-        region = reused.pop() if reused else None
+    region, given_back = _take(size)
+    for old in given_back:
+        old.close()
     if region is None:
         # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
         region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -64,8 +69,33 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
     return flat[start : start + nbytes].view(dtype).as_strided(shape, stride)
 
 
-def _freed(region: mmap.mmap) -> None:
+def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
+    """The smallest kept mapping of ``size`` bytes or more, or None where a new one is to be
+    made; and the kept mappings to give back first, so that kept and live ones together stay
+    within the block's peak."""
+    global _live, _peak
     with _lock:
+        fits = [n for n, regions in _kept.items() if n >= size and regions]
+        if fits:
+            region = _kept[min(fits)].pop()
+            _live += len(region)
+            _peak = max(_peak, _live)
+            return region, []
+        _live += size
+        _peak = max(_peak, _live)
+        kept = sum(n * len(regions) for n, regions in _kept.items())
+        given_back = []
+        for regions in _kept.values():
+            while regions and kept + _live > _peak:
+                given_back.append(regions.pop(0))
+                kept -= len(given_back[-1])
+        return None, given_back
+
+
+def _freed(region: mmap.mmap) -> None:
+    global _live
+    with _lock:
+        _live -= len(region)
         if _keeping:
             _kept.setdefault(len(region), []).append(region)
             return
@@ -79,8 +109,10 @@ def keep() -> Iterator[None]:
     Blocks nest: the kept mappings are given back when the outermost ends, even by an exception.
     Results still alive then give theirs back when they are freed.
     """
-    global _keeping
+    global _keeping, _peak
     with _lock:
+        if not _keeping:
+            _peak = _live
         _keeping += 1
     try:
         yield
