@@ -175,6 +175,7 @@ template <class S> constexpr int pixels() { return sizeof(S) == 8 ? 2 : 4; }
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 }  // namespace
 
@@ -580,6 +581,10 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
   }
   const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg, taps = nrows * g.KW;
   const int64_t kt = kernel.tap, kp = kernel.pixel;
+  // Pixels per hint: a block, or where pixels are contiguous (NCHW), a cache line of them.
+  constexpr int64_t k_line = 64 / sizeof(K) > P ? 64 / sizeof(K) : P;
+  constexpr int64_t o_line = 64 / sizeof(T) > P ? 64 / sizeof(T) : P;
+  const int64_t k_run = kp == 1 ? k_line : P, o_run = os[4] == 1 ? o_line : P;
   // The unit's kernel values (when stored) and output, (b, od, oh) being row.
   auto kernel_of = [&](int64_t row, int64_t gi) {
     return kernel.row(row / g.OH / g.OD, row / g.OH % g.OD, row % g.OH) + gi * kernel.group;
@@ -604,8 +609,10 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
     T* next_o = ahead ? out_of(next_row, next_gi) : nullptr;
     int64_t ow = 0;
     for (; ow + P <= g.OW; ow += P) {
-      if (next_k) prefetch<false>(next_k + ow * kp, P, kp, taps, kt);
-      if (next_o) prefetch<true>(next_o + ow * os[4], P, os[4], g.cg, os[1]);
+      if (next_k && ow % k_run == 0)
+        prefetch<false>(next_k + ow * kp, min(k_run, g.OW - ow), kp, taps, kt);
+      if (next_o && ow % o_run == 0)
+        prefetch<true>(next_o + ow * os[4], min(o_run, g.OW - ow), os[4], g.cg, os[1]);
       forward_pixels<S, T, K, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
                                  o + ow * os[4], os[4], os[1]);
     }
