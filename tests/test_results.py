@@ -7,6 +7,7 @@ byte) to keep the tensors small. Mappings are observed in /proc/self/smaps.
 from __future__ import annotations
 
 import mmap
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,22 @@ def test_blocks_nest_and_give_back_on_an_exception(small_limit):
         assert results.kept_bytes() > 0  # the outer block still keeps
         raise KeyError
     assert results.kept_bytes() == 0
+
+
+def test_a_result_freed_while_the_pool_is_locked_gives_its_mapping_back(small_limit):
+    """As when a garbage collection frees one in the middle of the pool's own work."""
+    box = [results.empty(SHAPE, CL_STRIDE, torch.float32)]
+    address = box[0].data_ptr()
+
+    def free_inside():
+        with results._lock:
+            box.clear()
+
+    worker = threading.Thread(target=free_inside, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "freeing a result under the pool's lock deadlocked"
+    assert _mapping(address) is None
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -52,7 +52,7 @@ def _empty(shape: Sequence[int], like: torch.Tensor, kernel: bool = False) -> to
         t = layout.empty_kernel(shape, like, layout.channels_last(like))
     else:
         t = layout.empty(shape, like)
-    return t if t.device.type == "cpu" else results.empty(t.shape, t.stride(), t.dtype)
+    return results.empty(t.shape, t.stride(), t.dtype) if t.is_meta else t
 
 
 def _strides(t: torch.Tensor | None, leading: int) -> list[int]:

@@ -38,7 +38,9 @@ LARGE_BYTES = 32 << 20
 # The huge page of x86-64 and of 4 KiB-page arm64 (larger ones are simply not used).
 _HUGE_PAGE = 1 << 21
 
-_lock = threading.Lock()
+# Reentrant: a result can be freed, and its mapping come back, in the middle of a locked
+# section of the same thread (a garbage collection run by an allocation there).
+_lock = threading.RLock()
 _keeping = 0  # open keep() blocks
 _kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, oldest first, while _keeping
 _live = 0  # bytes of the mappings of live results
@@ -57,9 +59,7 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
     for old in given_back:
         old.close()
     if region is None:
-        # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
-        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
+        region = _new_mapping(size)
     # The tensor holds the view, and the view the mapping: the mapping comes back to _freed when
     # the last tensor on it is gone.
     view = memoryview(region)
@@ -69,13 +69,27 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
     return flat[start : start + nbytes].view(dtype).as_strided(shape, stride)
 
 
+def _new_mapping(size: int) -> mmap.mmap:
+    global _live
+    try:
+        # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        with _lock:
+            _live -= size
+        raise
+    with contextlib.suppress(OSError):  # a hint: a kernel without huge pages refuses it
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return region
+
+
 def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
     """The smallest kept mapping of ``size`` bytes or more, or None where a new one is to be
     made; and the kept mappings to give back first, so that kept and live ones together stay
     within the block's peak."""
     global _live, _peak
     with _lock:
-        fits = [n for n, regions in _kept.items() if n >= size and regions]
+        fits = [n for n, regions in list(_kept.items()) if n >= size and regions]
         if fits:
             region = _kept[min(fits)].pop()
             _live += len(region)
@@ -85,7 +99,7 @@ def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
         _peak = max(_peak, _live)
         kept = sum(n * len(regions) for n, regions in _kept.items())
         given_back = []
-        for regions in _kept.values():
+        for regions in list(_kept.values()):
             while regions and kept + _live > _peak:
                 given_back.append(regions.pop(0))
                 kept -= len(given_back[-1])
@@ -119,7 +133,7 @@ def keep() -> Iterator[None]:
     finally:
         with _lock:
             _keeping -= 1
-            given_back = [] if _keeping else [r for rs in _kept.values() for r in rs]
+            given_back = [] if _keeping else [r for rs in list(_kept.values()) for r in rs]
             if not _keeping:
                 _kept.clear()
         for region in given_back:
@@ -129,7 +143,7 @@ def keep() -> Iterator[None]:
 def kept_bytes() -> int:
     """The bytes of freed results' mappings kept now."""
     with _lock:
-        return sum(size * len(regions) for size, regions in _kept.items())
+        return sum(size * len(regions) for size, regions in list(_kept.items()))
 
 
 @contextlib.contextmanager
