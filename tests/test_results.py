@@ -7,6 +7,7 @@ byte) to keep the tensors small. Mappings are observed in /proc/self/smaps.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from pathlib import Path
 
@@ -64,6 +65,57 @@ def test_a_large_result_has_the_layout_asked_and_huge_pages(small_limit, dtype):
     values = torch.randn(SHAPE).to(dtype)
     t.copy_(values)
     assert torch.equal(t, values)
+
+
+def test_a_result_is_stored_alone_even_on_a_larger_mapping(small_limit):
+    """Its storage is its own bytes (what torch.save writes), not the mapping's."""
+    with results.keep():
+        larger = results.empty((6, 64, 64, 64), CL_STRIDE, torch.float32)
+        address = larger.data_ptr()
+        del larger
+        t = results.empty(SHAPE, CL_STRIDE, torch.float32)
+        assert t.data_ptr() == address  # the larger mapping, reused
+        assert t.untyped_storage().nbytes() == t.nbytes
+
+
+@pytest.mark.parametrize("limit", [HUGE, 1 << 62], ids=["mapped", "torch"])
+def test_results_are_on_the_cpu_whatever_the_default_device(monkeypatch, limit):
+    monkeypatch.setattr(results, "LARGE_BYTES", limit)
+    with torch.device("meta"):
+        t = results.empty(SHAPE, CL_STRIDE, torch.float32)
+        with results.by_torch():
+            u = results.empty(SHAPE, CL_STRIDE, torch.float32)
+    assert t.device.type == "cpu" and u.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_the_layout_of_a_result_does_not_depend_on_its_size(monkeypatch, kernel):
+    """Also for an input that is not dense (a slice of a channels-last tensor)."""
+    from involution.ops.cpu import launch
+
+    like = torch.randn(2, 8, 16, 32).contiguous(memory_format=torch.channels_last)[..., ::2]
+    shape = (2, 2, 9, 16, 16) if kernel else (2, 8, 16, 16)
+    strides = []
+    for limit in (1 << 62, 1):  # PyTorch's memory, then a mapping
+        monkeypatch.setattr(results, "LARGE_BYTES", limit)
+        strides.append(launch._empty(shape, like, kernel=kernel).stride())
+    assert strides[0] == strides[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_gives_the_kept_mappings_back_first(small_limit):
+    """A child (a DataLoader worker) sharing them would split their huge pages in the parent."""
+    with results.keep():
+        a = results.empty(SHAPE, CL_STRIDE, torch.float32)
+        del a
+        assert results.kept_bytes() > 0
+        pid = os.fork()
+        if pid == 0:  # the child: keeps nothing, and can still allocate
+            ok = results.kept_bytes() == 0 and results.empty(SHAPE, CL_STRIDE, torch.float32)
+            os._exit(0 if ok is not False else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert results.kept_bytes() == 0
 
 
 def test_a_small_result_is_not_kept(small_limit):

@@ -47,7 +47,8 @@ def _empty(shape: Sequence[int], like: torch.Tensor, kernel: bool = False) -> to
     (B, C, *spatial), or with ``kernel`` a (B, G, T, *out) kernel gradient. The large ones get
     memory of their own (``results.py``)."""
     if math.prod(shape) * like.element_size() >= results.LARGE_BYTES:
-        like = like.to("meta")  # the layout alone, then the memory
+        # The layout alone, then the memory.
+        like = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device="meta")
     if kernel:
         t = layout.empty_kernel(shape, like, layout.channels_last(like))
     else:

@@ -10,10 +10,10 @@ A mapping is still a fresh one at every call, zeroed by the system page by page:
 system time per training step at that shape. Inside :func:`keep`, which
 ``training.memory.keep_freed_memory`` enters for a training run, the mapping of a freed result
 is kept, and the next result that fits in it reuses it, already faulted in (the smallest that
-fits). The kept mappings are given back when the outermost block ends, and whenever a new
-mapping would make the kept and live ones together more than the most that live ones have
-taken at once in the block: results whose sizes change, as in multi-scale training, do not
-pile up.
+fits, at most twice the result's size). The kept mappings are given back when the outermost
+block ends, before a fork (DataLoader workers), and whenever a new mapping would make the kept
+and live ones together more than the most that live ones have taken at once in the block:
+results whose sizes change, as in multi-scale training, do not pile up.
 
 Smaller results come from PyTorch's allocator as usual. Where Python has no huge-page advice
 (not Linux), and inside :func:`by_torch` (the CPU's peak-memory measurement, which sees
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -45,14 +46,15 @@ _keeping = 0  # open keep() blocks
 _kept: dict[int, list[mmap.mmap]] = {}  # freed mappings by size, oldest first, while _keeping
 _live = 0  # bytes of the mappings of live results
 _peak = 0  # the most _live has been in the current keep() block
-_by_torch = False
+_by_torch = 0  # open by_torch() blocks
 
 
 def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor with this shape, stride and dtype (a dense layout)."""
-    nbytes = math.prod(shape) * dtype.itemsize
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if nbytes < LARGE_BYTES or _by_torch or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty_strided(shape, stride, dtype=dtype)
+        return torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
     # One huge page more than needed, so that a 2 MiB boundary leaves room for the whole result.
     size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
     region, given_back = _take(size)
@@ -61,46 +63,45 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
     if region is None:
         region = _new_mapping(size)
     # The tensor holds the view, and the view the mapping: the mapping comes back to _freed when
-    # the last tensor on it is gone.
+    # the last tensor on it is gone. The tensor's storage is the result's bytes alone (what
+    # torch.save writes, or share_memory_() copies).
     view = memoryview(region)
     weakref.finalize(view, _freed, region).atexit = False
-    flat = torch.frombuffer(view, dtype=torch.uint8)
-    start = -flat.data_ptr() % _HUGE_PAGE
-    return flat[start : start + nbytes].view(dtype).as_strided(shape, stride)
+    start = -torch.frombuffer(view, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
+    flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=start)
+    return flat.as_strided(shape, stride)
 
 
 def _new_mapping(size: int) -> mmap.mmap:
-    global _live
-    try:
-        # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
-        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError:
-        with _lock:
-            _live -= size
-        raise
+    """A new mapping of ``size`` bytes, advised huge pages, counted live."""
+    global _live, _peak
+    # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # a hint: a kernel without huge pages refuses it
         region.madvise(mmap.MADV_HUGEPAGE)
+    with _lock:
+        _live += size
+        _peak = max(_peak, _live)
     return region
 
 
 def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
-    """The smallest kept mapping of ``size`` bytes or more, or None where a new one is to be
-    made; and the kept mappings to give back first, so that kept and live ones together stay
-    within the block's peak."""
+    """The smallest kept mapping of ``size`` bytes or more (at most twice as many), counted
+    live; or None where a new one is to be made, with the kept mappings to give back first so
+    that kept and live ones together stay within the block's peak."""
     global _live, _peak
     with _lock:
-        fits = [n for n, regions in list(_kept.items()) if n >= size and regions]
+        fits = [n for n, regions in list(_kept.items()) if size <= n <= 2 * size and regions]
         if fits:
             region = _kept[min(fits)].pop()
             _live += len(region)
             _peak = max(_peak, _live)
             return region, []
-        _live += size
-        _peak = max(_peak, _live)
-        kept = sum(n * len(regions) for n, regions in _kept.items())
+        live = _live + size
+        kept = sum(n * len(regions) for n, regions in list(_kept.items()))
         given_back = []
         for regions in list(_kept.values()):
-            while regions and kept + _live > _peak:
+            while regions and kept + live > max(_peak, live):
                 given_back.append(regions.pop(0))
                 kept -= len(given_back[-1])
         return None, given_back
@@ -114,6 +115,28 @@ def _freed(region: mmap.mmap) -> None:
             _kept.setdefault(len(region), []).append(region)
             return
     region.close()
+
+
+def _before_fork() -> None:
+    """Gives the kept mappings back before a fork (DataLoader workers): a child sharing them
+    would make each of their pages copy-on-write in the parent, and split its huge pages."""
+    with _lock:
+        given_back = [r for rs in list(_kept.values()) for r in rs]
+        for regions in _kept.values():
+            regions.clear()
+    for region in given_back:
+        region.close()
+
+
+def _after_fork_in_child() -> None:
+    """A child starts with a lock of its own (another thread may have held the parent's), keeps
+    nothing, and allocates as outside any block."""
+    global _lock, _keeping, _kept
+    _lock, _keeping, _kept = threading.RLock(), 0, {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
@@ -151,8 +174,10 @@ def by_torch() -> Iterator[None]:
     """Inside the block, every result comes from PyTorch's allocator, the one that
     ``torch.profiler`` records (``benchmark/memory.py`` measures the CPU's peaks so)."""
     global _by_torch
-    before, _by_torch = _by_torch, True
+    with _lock:
+        _by_torch += 1
     try:
         yield
     finally:
-        _by_torch = before
+        with _lock:
+            _by_torch -= 1
