@@ -98,7 +98,7 @@ def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
             _peak = max(_peak, _live)
             return region, []
         live = _live + size
-        kept = sum(n * len(regions) for n, regions in list(_kept.items()))
+        kept = kept_bytes()
         given_back = []
         for regions in list(_kept.values()):
             while regions and kept + live > max(_peak, live):
@@ -117,13 +117,13 @@ def _freed(region: mmap.mmap) -> None:
     region.close()
 
 
-def _before_fork() -> None:
-    """Gives the kept mappings back before a fork (DataLoader workers): a child sharing them
-    would make each of their pages copy-on-write in the parent, and split its huge pages."""
+def _give_back_kept() -> None:
+    """Unmaps every kept mapping: when the outermost block ends, and before a fork (DataLoader
+    workers), since a child sharing them would make each of their pages copy-on-write in the
+    parent, and split its huge pages."""
     with _lock:
         given_back = [r for rs in list(_kept.values()) for r in rs]
-        for regions in _kept.values():
-            regions.clear()
+        _kept.clear()
     for region in given_back:
         region.close()
 
@@ -136,7 +136,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_give_back_kept, after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
@@ -156,11 +156,8 @@ def keep() -> Iterator[None]:
     finally:
         with _lock:
             _keeping -= 1
-            given_back = [] if _keeping else [r for rs in list(_kept.values()) for r in rs]
             if not _keeping:
-                _kept.clear()
-        for region in given_back:
-            region.close()
+                _give_back_kept()
 
 
 def kept_bytes() -> int:
