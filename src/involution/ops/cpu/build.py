@@ -2,7 +2,9 @@
 
 The kernels are built for the machine they run on (``-march=native``) by the system C++
 compiler (``$CXX``, default ``c++``). The source includes no torch header and needs no C++
-runtime, so a build takes 10 to 25 s on two cores and does not depend on how torch was built.
+runtime, so a build does not depend on how torch was built. It is compiled once per storage type
+(float32, float64, bfloat16), the three side by side, one per core, and linked into one library:
+12 to 14 s on two cores, where one compilation of all three took 17 to 25 s (BENCHMARKS.md).
 The shared library is cached in ``$XDG_CACHE_HOME/involution`` (default
 ``~/.cache/involution``) under a name that hashes the source, the flags, the compiler's name and
 the CPU: a new source, compiler or machine gets its own build, and later processes load the
@@ -53,7 +55,6 @@ FLAGS = (
     "-fno-exceptions",
     "-fno-rtti",
     "-fPIC",
-    "-shared",
     # GCC notes that 64-byte vector arguments changed ABI in GCC 4.6: internal functions only.
     "-Wno-psabi",
 )
@@ -67,12 +68,19 @@ ENTRY_POINTS = (
     "involution_fused_grad_input",
     "involution_fused_grad_features",
 )
+# The storage types, one compilation each (kernels.cpp's INVOLUTION_DTYPE codes, in order): an
+# entry point of the library is ENTRY_POINTS[i] + "_" + the type's name.
+DTYPES = ("float32", "float64", "bfloat16")
 # A build that has not finished by then has failed: the first call must not hang.
 _BUILD_TIMEOUT_S = 120
 
 
 class BuildError(RuntimeError):
     """The CPU kernels could not be compiled or loaded; the message says why."""
+
+
+class _BuildTimeout(BuildError):
+    """The compiler did not finish in time (a second build could hang as long again)."""
 
 
 def cache_dir() -> Path:
@@ -119,42 +127,81 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, target: Path) -> None:
-    """Builds ``target`` through a temporary file and an atomic rename."""
+    """Builds ``target`` through a temporary file and an atomic rename: one object per storage
+    type, compiled side by side (one compiler per core, bfloat16's, the longest, first), then
+    linked. On two cores that takes about half the time of one compilation of all three."""
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=target.stem + ".", dir=target.parent)
     os.close(fd)
-    command = [*compiler, *flags, str(source), "-o", tmp]
+    deadline = time.monotonic() + _BUILD_TIMEOUT_S
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
-        )
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            first_error = next((line for line in lines if "error" in line), lines[0])
-            raise BuildError(
-                f"{shlex.join(command)} exited with {result.returncode}: {first_error}"
+        with tempfile.TemporaryDirectory(prefix=target.stem + ".", dir=target.parent) as objects:
+            objs = [os.path.join(objects, f"{name}.o") for name in DTYPES]
+            compiles = [
+                [*compiler, *flags, f"-DINVOLUTION_DTYPE={code}", "-c", str(source), "-o", obj]
+                for code, obj in enumerate(objs)
+            ]
+            _run_all(compiles[::-1], objects, deadline, compiler[0])
+            _run_all(
+                [[*compiler, *flags, "-shared", *objs, "-o", tmp]], objects, deadline, compiler[0]
             )
         os.replace(tmp, target)
-    except subprocess.TimeoutExpired as error:
-        raise BuildError(f"{compiler[0]} took longer than {_BUILD_TIMEOUT_S} s") from error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _run_all(commands: list[list[str]], logs: str, deadline: float, name: str) -> None:
+    """Runs ``commands`` side by side, at most one per core, their output to files in ``logs``.
+    Raises BuildError for the first that fails (with its first error line), or when they have
+    not all finished by ``deadline``; the others are then stopped."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    pending = list(enumerate(commands))
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < cores:
+                i, command = pending.pop(0)
+                with open(os.path.join(logs, f"{i}.log"), "wb") as log:
+                    running[i] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            for i, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[i]
+                if process.returncode != 0:
+                    with open(
+                        os.path.join(logs, f"{i}.log"), encoding="utf-8", errors="replace"
+                    ) as log:
+                        lines = log.read().strip().splitlines() or ["no output"]
+                    first_error = next((line for line in lines if "error" in line), lines[0])
+                    raise BuildError(
+                        f"{shlex.join(commands[i])} exited with {process.returncode}: {first_error}"
+                    )
+            if time.monotonic() > deadline:
+                raise _BuildTimeout(f"{name} took longer than {_BUILD_TIMEOUT_S} s")
+            time.sleep(0.02)
+    finally:
+        for process in running.values():
+            process.kill()
+            process.wait()
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name in ENTRY_POINTS:
-        fn = getattr(lib, name)
-        # (problem, fused operands or null, dtype code, rows, rows per unit, threads)
-        fn.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int,
-        ]
-        fn.restype = ctypes.c_int
+        for dtype in DTYPES:
+            fn = getattr(lib, f"{name}_{dtype}")
+            # (problem, fused operands or null, rows, rows per unit, threads)
+            fn.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int,
+            ]
+            fn.restype = ctypes.c_int
     return lib
 
 
@@ -164,8 +211,8 @@ def _build_and_load() -> ctypes.CDLL:
         try:
             return _built(compiler, (*FLAGS, *OPENMP), source)
         except BuildError as error:
-            if isinstance(error.__cause__, subprocess.TimeoutExpired):
-                raise  # a second build could hang as long again
+            if isinstance(error, _BuildTimeout):
+                raise
             library = _built(compiler, FLAGS, source)
             logger.warning(
                 "involution: CPU kernels built without OpenMP, so they run on one thread: %s",

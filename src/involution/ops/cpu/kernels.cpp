@@ -5,9 +5,13 @@
 // Compiled on first use by build.py with the system C++ compiler (-O3 -march=native, and
 // -fopenmp where the compiler has it) and called through ctypes. It includes no torch header and
 // needs no C++ runtime (no exceptions, no new): the library depends on libc and the OpenMP
-// runtime alone, builds in under half a minute and is vectorized for the CPU it runs on through
-// GCC's generic vector types (8 lanes: one AVX2 register of float32, half an AVX-512 one, two SSE
-// ones; the compiler maps them to whatever -march=native offers).
+// runtime alone and is vectorized for the CPU it runs on through GCC's generic vector types (8
+// lanes: one AVX2 register of float32, half an AVX-512 one, two SSE ones; the compiler maps them
+// to whatever -march=native offers).
+//
+// One storage type per compilation: INVOLUTION_DTYPE is 0 (float32), 1 (float64) or 2
+// (bfloat16), and the entry points carry the type's name (involution_forward_float32, ...).
+// build.py compiles the three at once, one compiler per core, and links them into one library.
 //
 // Shapes. Geometry is 3D; 1D and 2D problems arrive with leading spatial sizes of 1. Tensors
 // come as a base pointer and element strides, in any layout:
@@ -1010,21 +1014,24 @@ template <class T> struct FusedGradFeatures {
   }
 };
 
-template <template <class> class Pass>
-int run_rows(const Problem* p, const Fused* f, int dtype, int64_t row_begin, int64_t row_end) {
-  switch (dtype) {
-    case 0: return Pass<float>::run(*p, f, row_begin, row_end);
-    case 1: return Pass<double>::run(*p, f, row_begin, row_end);
-    case 2: return Pass<bf16>::run(*p, f, row_begin, row_end);
-    default: return -2;
-  }
-}
+#if INVOLUTION_DTYPE == 0
+typedef float Storage;
+#define INVOLUTION_ENTRY(name) name##_float32
+#elif INVOLUTION_DTYPE == 1
+typedef double Storage;
+#define INVOLUTION_ENTRY(name) name##_float64
+#elif INVOLUTION_DTYPE == 2
+typedef bf16 Storage;
+#define INVOLUTION_ENTRY(name) name##_bfloat16
+#else
+#error "INVOLUTION_DTYPE must be 0 (float32), 1 (float64) or 2 (bfloat16)"
+#endif
 
 // The rows [0, rows) in `threads` contiguous ranges of whole units of `unit` rows, one range per
 // thread of an OpenMP team. Where the library shares torch's OpenMP runtime (build.py), the
 // team is torch's own pool of threads: none of them waits for a core held by another pool.
 template <template <class> class Pass>
-int run(const Problem* p, const Fused* f, int dtype, int64_t rows, int64_t unit, int threads) {
+int run(const Problem* p, const Fused* f, int64_t rows, int64_t unit, int threads) {
   const int64_t units = (rows + unit - 1) / unit;
   int status = 0;
 #ifdef _OPENMP
@@ -1038,48 +1045,48 @@ int run(const Problem* p, const Fused* f, int dtype, int64_t rows, int64_t unit,
     (void)threads;
 #endif
     const int64_t begin = units * i / n * unit, end = units * (i + 1) / n * unit;
-    if (begin < rows) status = run_rows<Pass>(p, f, dtype, begin, end < rows ? end : rows);
+    if (begin < rows) status = Pass<Storage>::run(*p, f, begin, end < rows ? end : rows);
   }
   return status;
 }
 
 }  // namespace
 
-// Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. f: the fused op's operands (null for
+// Entry points, of the storage type this compilation is for. f: the fused op's operands (null for
 // the unfused passes). rows: the result's rows, split among `threads` threads in whole units of
-// `unit` rows. Returns 0; -1 when scratch memory could not be allocated; -2 for an unknown dtype.
+// `unit` rows. Returns 0, or -1 when scratch memory could not be allocated.
 extern "C" {
 
-int involution_forward(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                       int64_t unit, int threads) {
-  return run<Forward>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_forward)(const Problem* p, const Fused* f, int64_t rows,
+                                         int64_t unit, int threads) {
+  return run<Forward>(p, f, rows, unit, threads);
 }
 
-int involution_grad_input(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                          int64_t unit, int threads) {
-  return run<GradInput>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_grad_input)(const Problem* p, const Fused* f, int64_t rows,
+                                            int64_t unit, int threads) {
+  return run<GradInput>(p, f, rows, unit, threads);
 }
 
-int involution_grad_kernel(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                           int64_t unit, int threads) {
-  return run<GradKernel>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_grad_kernel)(const Problem* p, const Fused* f, int64_t rows,
+                                             int64_t unit, int threads) {
+  return run<GradKernel>(p, f, rows, unit, threads);
 }
 
 // The fused op: forward; backward = grad_input (the kernel regenerated) + grad_features (the
 // kernel's gradient taken back through the generator).
-int involution_fused_forward(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                             int64_t unit, int threads) {
-  return run<FusedForward>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_fused_forward)(const Problem* p, const Fused* f, int64_t rows,
+                                               int64_t unit, int threads) {
+  return run<FusedForward>(p, f, rows, unit, threads);
 }
 
-int involution_fused_grad_input(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                                int64_t unit, int threads) {
-  return run<FusedGradInput>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_fused_grad_input)(const Problem* p, const Fused* f, int64_t rows,
+                                                  int64_t unit, int threads) {
+  return run<FusedGradInput>(p, f, rows, unit, threads);
 }
 
-int involution_fused_grad_features(const Problem* p, const Fused* f, int dtype, int64_t rows,
-                                   int64_t unit, int threads) {
-  return run<FusedGradFeatures>(p, f, dtype, rows, unit, threads);
+int INVOLUTION_ENTRY(involution_fused_grad_features)(const Problem* p, const Fused* f,
+                                                     int64_t rows, int64_t unit, int threads) {
+  return run<FusedGradFeatures>(p, f, rows, unit, threads);
 }
 
 }  // extern "C"

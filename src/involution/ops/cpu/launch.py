@@ -35,8 +35,9 @@ from .. import layout
 from . import results
 from .build import library
 
-# Storage dtypes the kernels take (codes of kernels.cpp); bfloat16 accumulates in float32.
-DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# Storage dtypes the kernels take (the suffix of their entry points); bfloat16 accumulates in
+# float32.
+DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
@@ -128,13 +129,14 @@ def _run(
     fused: array.array | None = None,
     unit: int = 1,
 ) -> None:
-    """Calls kernel ``entry`` on ``rows`` result rows, split among threads in whole ``unit``s."""
-    fn = getattr(library(), entry)
+    """Calls kernel ``entry`` for ``dtype`` on ``rows`` result rows, split among threads in whole
+    ``unit``s."""
+    fn = getattr(library(), f"{entry}_{DTYPES[dtype]}")
     units = -(-rows // unit)
     threads = max(1, min(torch.get_num_threads(), units, macs // _MIN_MACS_PER_THREAD))
     address = problem.buffer_info()[0]
     fused_address = 0 if fused is None else fused.buffer_info()[0]
-    code = fn(address, fused_address, DTYPES[dtype], rows, unit, threads)
+    code = fn(address, fused_address, rows, unit, threads)
     if code != 0:
         raise MemoryError(f"involution CPU kernel {entry} could not allocate its scratch memory")
 
