@@ -1052,41 +1052,25 @@ int run(const Problem* p, const Fused* f, int64_t rows, int64_t unit, int thread
 
 }  // namespace
 
-// Entry points, of the storage type this compilation is for. f: the fused op's operands (null for
-// the unfused passes). rows: the result's rows, split among `threads` threads in whole units of
-// `unit` rows. Returns 0, or -1 when scratch memory could not be allocated.
+// Entry points, of the storage type this compilation is for: int name_<type>(problem, f, rows,
+// unit, threads). f: the fused op's operands (null for the unfused passes). rows: the result's
+// rows, split among `threads` threads in whole units of `unit` rows. Returns 0, or -1 when
+// scratch memory could not be allocated.
+#define INVOLUTION_DEFINE(name, Pass)                                                              \
+  int INVOLUTION_ENTRY(name)(const Problem* p, const Fused* f, int64_t rows, int64_t unit,         \
+                             int threads) {                                                        \
+    return run<Pass>(p, f, rows, unit, threads);                                                   \
+  }
+
 extern "C" {
 
-int INVOLUTION_ENTRY(involution_forward)(const Problem* p, const Fused* f, int64_t rows,
-                                         int64_t unit, int threads) {
-  return run<Forward>(p, f, rows, unit, threads);
-}
-
-int INVOLUTION_ENTRY(involution_grad_input)(const Problem* p, const Fused* f, int64_t rows,
-                                            int64_t unit, int threads) {
-  return run<GradInput>(p, f, rows, unit, threads);
-}
-
-int INVOLUTION_ENTRY(involution_grad_kernel)(const Problem* p, const Fused* f, int64_t rows,
-                                             int64_t unit, int threads) {
-  return run<GradKernel>(p, f, rows, unit, threads);
-}
-
+INVOLUTION_DEFINE(involution_forward, Forward)
+INVOLUTION_DEFINE(involution_grad_input, GradInput)
+INVOLUTION_DEFINE(involution_grad_kernel, GradKernel)
 // The fused op: forward; backward = grad_input (the kernel regenerated) + grad_features (the
 // kernel's gradient taken back through the generator).
-int INVOLUTION_ENTRY(involution_fused_forward)(const Problem* p, const Fused* f, int64_t rows,
-                                               int64_t unit, int threads) {
-  return run<FusedForward>(p, f, rows, unit, threads);
-}
-
-int INVOLUTION_ENTRY(involution_fused_grad_input)(const Problem* p, const Fused* f, int64_t rows,
-                                                  int64_t unit, int threads) {
-  return run<FusedGradInput>(p, f, rows, unit, threads);
-}
-
-int INVOLUTION_ENTRY(involution_fused_grad_features)(const Problem* p, const Fused* f,
-                                                     int64_t rows, int64_t unit, int threads) {
-  return run<FusedGradFeatures>(p, f, rows, unit, threads);
-}
+INVOLUTION_DEFINE(involution_fused_forward, FusedForward)
+INVOLUTION_DEFINE(involution_fused_grad_input, FusedGradInput)
+INVOLUTION_DEFINE(involution_fused_grad_features, FusedGradFeatures)
 
 }  // extern "C"
