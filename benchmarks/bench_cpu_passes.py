@@ -98,24 +98,22 @@ def main() -> None:
     print(f"{args.shape}, K={k}, G={groups}, {layout}, {args.threads} threads, float32")
     print(f"median ms of {args.rounds} alternating rounds")
     others = names[1:]
-    header = "".join(f"{v:>13s}" for v in names) + "".join(
-        f"{v + ' / ' + names[0]:>22s}" for v in others
-    )
-    print(f"{'pass':12s}{header}")
+
+    def row(ms: dict[str, float]) -> str:
+        """Each variant's ms, then each other variant's ratio to the first."""
+        cells = [f"{ms[v]:13.1f}" for v in names]
+        return "".join(cells + [f"{ms[v] / ms[names[0]]:22.2f}" for v in others])
+
+    header = [f"{v:>13s}" for v in names] + [f"{v + ' / ' + names[0]:>22s}" for v in others]
+    print(f"{'pass':12s}{''.join(header)}")
     total = dict.fromkeys(names, 0.0)
     for p in passes:
         ms = {v: statistics.median(times[v, p]) * 1e3 for v in names}
         for v in names:
             total[v] += ms[v]
         same = all(torch.equal(outputs[names[0], p], outputs[v, p]) for v in others)
-        row = "".join(f"{ms[v]:13.1f}" for v in names) + "".join(
-            f"{ms[v] / ms[names[0]]:22.2f}" for v in others
-        )
-        print(f"{p:12s}{row}{'' if same else '  (differ)'}")
-    row = "".join(f"{total[v]:13.1f}" for v in names) + "".join(
-        f"{total[v] / total[names[0]]:22.2f}" for v in others
-    )
-    print(f"{'sum':12s}{row}")
+        print(f"{p:12s}{row(ms)}{'' if same else '  (differ)'}")
+    print(f"{'sum':12s}{row(total)}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,19 @@ import torch
 
 from involution import functional
 from involution.functional import output_size, resolve_geometry
+from involution.ops import dispatch
 
 _INVOLUTION = {
     1: functional.involution1d,
     2: functional.involution2d,
     3: functional.involution3d,
 }
+
+# For tests of the CPU kernels (ops/cpu/): skipped where they cannot be built (no compiler).
+needs_cpu_kernels = pytest.mark.skipif(
+    not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)),
+    reason="the CPU kernels could not be built on this machine (see the logged warning)",
+)
 
 # (rtol, atol) of a backend against the float64 reference, per dtype of the inputs.
 TOLERANCES = {

@@ -19,6 +19,8 @@ from involution.benchmark.report import bar_chart, format_rows, format_table
 from involution.cli import bench as bench_cli
 from involution.cli.__main__ import main
 
+from conftest import needs_cpu_kernels
+
 MIB = 1 << 20
 
 
@@ -65,13 +67,11 @@ def test_peak_memory_ignores_what_was_live_before_and_frees_of_it():
     assert peak_memory(lambda: None) == 0
 
 
+@needs_cpu_kernels
 def test_peak_memory_counts_the_cpu_kernels_large_results(monkeypatch):
     """Results with memory of their own (ops/cpu/results.py; from 2 MiB on here) are counted."""
-    from involution.ops import dispatch
     from involution.ops.cpu import launch, results
 
-    if not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)):
-        pytest.skip("the CPU kernels could not be built on this machine")
     monkeypatch.setattr(results, "LARGE_BYTES", 2 * MIB)
     x, grad_out = torch.randn(4, 64, 32, 32), torch.randn(4, 64, 32, 32)
     geometry = ((7, 7), (1, 1), (3, 3), (1, 1))

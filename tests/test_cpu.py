@@ -24,12 +24,15 @@ from involution import nn as involution_nn
 from involution.ops import dispatch, layout
 from involution.ops.cpu import launch
 
-from conftest import assert_close_for, composed_reference, make_fused_inputs, make_inputs
-
-pytestmark = pytest.mark.skipif(
-    not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)),
-    reason="the CPU kernels could not be built on this machine (see the logged warning)",
+from conftest import (
+    assert_close_for,
+    composed_reference,
+    make_fused_inputs,
+    make_inputs,
+    needs_cpu_kernels,
 )
+
+pytestmark = needs_cpu_kernels
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FUNCS = {1: functional.involution1d, 2: functional.involution2d, 3: functional.involution3d}

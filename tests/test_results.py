@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from involution import functional
-from involution.ops import dispatch
 from involution.ops.cpu import results
 from involution.training.memory import keep_freed_memory
 
-from conftest import make_fused_inputs, make_inputs
+from conftest import make_fused_inputs, make_inputs, needs_cpu_kernels
 
 pytestmark = pytest.mark.skipif(
     not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists(),
@@ -29,10 +28,6 @@ pytestmark = pytest.mark.skipif(
 HUGE = 1 << 21
 SHAPE = (4, 64, 64, 64)  # 4 MiB in float32
 CL_STRIDE = (64 * 64 * 64, 1, 64 * 64, 64)  # channels last
-needs_cpu_backend = pytest.mark.skipif(
-    not dispatch.can_run_cpu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1, 1)),
-    reason="the CPU kernels could not be built on this machine (see the logged warning)",
-)
 
 
 @pytest.fixture
@@ -255,7 +250,7 @@ CASES = [
 ]
 
 
-@needs_cpu_backend
+@needs_cpu_kernels
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("op", [_plain, _fused], ids=["plain", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[1]}-k{c[4]}-s{c[5]}-d{c[6]}")
@@ -277,7 +272,7 @@ def test_every_pass_writes_all_of_a_reused_result(monkeypatch, case, op, channel
         assert torch.equal(a, b)
 
 
-@needs_cpu_backend
+@needs_cpu_kernels
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_pass_puts_its_large_results_on_huge_pages(small_limit, channels_last):
     """Out, input and kernel gradients of the plain op, out and input gradient of the fused one
