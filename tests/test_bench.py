@@ -96,7 +96,7 @@ def op_rows():
         baselines=["depthwise", "dense"],
         warmup=1,
         repeats=2,
-        bandwidth=10e9,
+        copy_bytes=4 * MIB,
     )
 
 
@@ -108,10 +108,13 @@ def test_benchmark_op_table_structure(op_rows):
         assert row["shape"] == "2x32x12x10"
         for key in ("median_ms", "min_ms", "peak_mib", "peak_vs_operands", "moved_mb"):
             assert _positive(row[key]), (key, row)
-        for key in ("gb_per_s", "floor_ms", "floor_fraction", "vs_reference"):
+        for key in ("gb_per_s", "copy_gb_per_s", "floor_ms", "floor_fraction", "vs_reference"):
             assert _positive(row[key]), (key, row)
         assert row["min_ms"] <= row["median_ms"]
-        assert row["floor_ms"] == pytest.approx(row["moved_mb"] * 1e6 / 10e9 * 1e3)
+        assert row["floor_ms"] == pytest.approx(row["moved_mb"] / row["copy_gb_per_s"])
+        assert row["floor_fraction"] == pytest.approx(row["floor_ms"] / row["median_ms"])
+    # The copy is timed again after each pass, not once.
+    assert len({row["copy_gb_per_s"] for row in op_rows}) > 1
     assert all(r["vs_reference"] == 1.0 for r in op_rows if r["op"] == "involution[reference]")
 
 
@@ -140,7 +143,10 @@ def test_benchmark_op_without_bandwidth_has_no_floor():
         OpShape(1, 16, 6, 6), 3, backends=["torch"], baselines=[], passes=["forward"], repeats=1
     )
     assert len(rows) == 1
-    assert rows[0]["floor_ms"] is None and rows[0]["vs_reference"] is None
+    for key in ("copy_gb_per_s", "floor_ms", "floor_fraction", "vs_reference"):
+        assert rows[0][key] is None, key
+    with pytest.raises(ValueError, match=r"copy_bytes \(2\) must be >= 4"):
+        benchmark_op(OpShape(1, 16, 6, 6), 3, backends=["torch"], copy_bytes=2)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +227,7 @@ def test_cli_bench_op_json(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     document = json.loads(out.read_text())
-    assert _positive(document["metadata"]["copy_gb_per_s"])
+    assert all(_positive(row["copy_gb_per_s"]) for row in document["rows"])
     assert document["metadata"]["cpu_cores"] >= 1
     assert [(r["op"], r["pass"]) for r in document["rows"]] == [
         ("involution[torch]", "forward"),
@@ -304,8 +310,9 @@ def test_cuda_timing_and_peak_memory():
     timing = measure_time(lambda: torch.randn(1024, 1024, device="cuda").sum(), "cuda", 1, 3)
     assert 0 < timing.minimum <= timing.median
     assert peak_memory(lambda: torch.empty(MIB, device="cuda"), "cuda") == 4 * MIB
-    rows = benchmark_op(OpShape(2, 32, 12, 10), 5, device="cuda", repeats=2, bandwidth=1e11)
+    rows = benchmark_op(OpShape(2, 32, 12, 10), 5, device="cuda", repeats=2, copy_bytes=MIB)
     assert all(_positive(r["median_ms"]) and _positive(r["peak_mib"]) for r in rows)
+    assert all(_positive(r["floor_ms"]) for r in rows)
 
 
 # Models side by side.

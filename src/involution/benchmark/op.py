@@ -16,7 +16,9 @@ network; otherwise all are contiguous (NCHW).
 
 The floor of a pass is the time needed just to move the bytes it cannot avoid (each operand and
 result read or written once: input, kernel or weight, output; in backward also the output
-gradient and the two input gradients) at the copy bandwidth measured by :func:`copy_bandwidth`.
+gradient and the two input gradients) at the bandwidth of a large tensor copy (bytes read + bytes
+written). The copy is timed right after each pass, not once per run: on a shared machine whose
+speed drifts, a copy timed minutes earlier moves every floor ratio (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -117,11 +119,21 @@ def copy_bandwidth(
     Raises:
         ValueError: ``nbytes`` < 4.
     """
+    source, target = _copy_operands(device, nbytes, "nbytes")
+    return _copy_rate(source, target, warmup, repeats)
+
+
+def _copy_operands(
+    device: torch.device | str, nbytes: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     if nbytes < 4:
-        raise ValueError(f"nbytes ({nbytes}) must be >= 4")
+        raise ValueError(f"{name} ({nbytes}) must be >= 4")
     source = torch.randn(nbytes // 4, device=device)
-    target = torch.empty_like(source)
-    timing = measure_time(lambda: target.copy_(source), device, warmup, repeats)
+    return source, torch.empty_like(source)
+
+
+def _copy_rate(source: torch.Tensor, target: torch.Tensor, warmup: int, repeats: int) -> float:
+    timing = measure_time(lambda: target.copy_(source), source.device, warmup, repeats)
     return 2 * source.nbytes / timing.median
 
 
@@ -235,7 +247,7 @@ def benchmark_op(
     passes: Sequence[str] = PASSES,
     warmup: int = 2,
     repeats: int = 10,
-    bandwidth: float | None = None,
+    copy_bytes: int | None = None,
     channels_last: bool = False,
 ) -> list[dict[str, Any]]:
     """Measures each involution backend and baseline convolution at one shape.
@@ -251,8 +263,9 @@ def benchmark_op(
         baselines: a subset of ``BASELINES``.
         passes: a subset of ``PASSES``.
         warmup, repeats: as in :func:`involution.benchmark.measure_time`.
-        bandwidth: copy bandwidth in bytes/s (see :func:`copy_bandwidth`); when given, each row
-            also has the floor time of the pass and the fraction of it reached.
+        copy_bytes: size of the tensor copy timed right after each pass (see
+            :func:`copy_bandwidth`); when given, each row also has that copy's bandwidth, the
+            floor time of the pass and the fraction of it reached.
         channels_last: channels-last inputs and pixel-major involution kernels instead of
             contiguous (NCHW) tensors.
 
@@ -261,12 +274,14 @@ def benchmark_op(
         ``peak_mib`` (peak memory above what was live before the pass), ``peak_vs_operands``
         (that peak over the bytes of the input and the kernel or weight), ``moved_mb`` (bytes
         that must move, 1e6), ``gb_per_s`` (those bytes over the median time, 1e9),
-        ``floor_ms`` and ``floor_fraction`` (floor time over median time; ``None`` without
-        ``bandwidth``), ``vs_reference`` (reference time over this time; ``None`` when the
-        reference backend is not measured).
+        ``copy_gb_per_s`` (the copy's bandwidth, 1e9), ``floor_ms`` and ``floor_fraction``
+        (floor time over median time; these three ``None`` without ``copy_bytes``),
+        ``vs_reference`` (reference time over this time; ``None`` when the reference backend
+        is not measured).
 
     Raises:
-        ValueError: a bad shape, kernel_size, group_channels, pass, baseline or backend.
+        ValueError: a bad shape, kernel_size, group_channels, pass, baseline, backend or
+            copy_bytes.
         RuntimeError: a named backend cannot run on ``device``; the message says why.
     """
     device = torch.device(device)
@@ -286,6 +301,7 @@ def benchmark_op(
         unknown = [v for v in values if v not in allowed]
         if unknown:
             raise ValueError(f"{name} ({unknown}) must be among {allowed}")
+    copy = None if copy_bytes is None else _copy_operands(device, copy_bytes, "copy_bytes")
     if backends is None:
         backends = available_backends(device, dtype)
     candidates = _candidates(
@@ -306,6 +322,7 @@ def benchmark_op(
             logger.info("measuring %s %s at %s", candidate.name, pass_name, shape)
             fn = _pass_fn(candidate, pass_name)
             timing = measure_time(fn, device, max(warmup, 1), repeats)
+            bandwidth = None if copy is None else _copy_rate(*copy, max(warmup, 1), repeats)
             peak = peak_memory(fn, device)
             moved = _bytes_moved(candidate, pass_name)
             floor = None if bandwidth is None else moved / bandwidth
@@ -320,6 +337,7 @@ def benchmark_op(
                     "peak_vs_operands": peak / operand_bytes,
                     "moved_mb": moved / 1e6,
                     "gb_per_s": moved / timing.median / 1e9,
+                    "copy_gb_per_s": None if bandwidth is None else bandwidth / 1e9,
                     "floor_ms": None if floor is None else floor * 1e3,
                     "floor_fraction": None if floor is None else floor / timing.median,
                     "vs_reference": None,
