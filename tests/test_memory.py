@@ -90,6 +90,42 @@ def test_thresholds_set_inside_and_restored_after_an_exception(libc):
     assert libc.calls[2:] == [("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
 
 
+def test_nested_blocks_turn_trimming_back_on_when_the_outermost_ends(libc):
+    off = [("mallopt", -3, 32 << 20), ("mallopt", -1, -1)]
+    back_on = [("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+    with memory.keep_freed_memory() as outer:
+        with memory.keep_freed_memory() as inner:
+            assert outer is True and inner is True
+            assert libc.calls == off  # set once
+        assert libc.calls == off  # the inner block's end left trimming off
+    assert libc.calls == off + back_on
+    with memory.keep_freed_memory():  # a later block sets the thresholds again
+        pass
+    assert libc.calls == 2 * (off + back_on)
+
+
+def test_blocks_in_two_threads_turn_trimming_back_on_when_the_last_ends(libc):
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with memory.keep_freed_memory():
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(30)
+    with memory.keep_freed_memory() as kept:
+        assert kept is True
+    assert ("malloc_trim", 0) not in libc.calls  # the other thread's block still runs
+    release.set()
+    thread.join(30)
+    assert libc.calls[-2:] == [("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+    assert libc.calls.count(("malloc_trim", 0)) == 1
+
+
 def test_a_refused_threshold_changes_nothing_more(libc):
     libc.accepts = False
     with memory.keep_freed_memory() as kept:

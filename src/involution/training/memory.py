@@ -23,6 +23,7 @@ import ctypes
 import logging
 import os
 import platform
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,11 @@ _USER_SETTINGS = (
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
 )
+# The blocks inside which glibc's trimming is off now, nested or in other threads (the last to
+# end turns it back on), and glibc while they run.
+_untrimmed_blocks = 0
+_untrimmed_libc: ctypes.CDLL | None = None
+_untrimmed_lock = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -92,8 +98,8 @@ def keep_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
     Nothing is changed for a device other than the CPU. glibc is left alone where the allocator
     is not glibc's, or where the user has set glibc's allocator through its environment
     variables (``MALLOC_TRIM_THRESHOLD_`` and the like, or ``glibc.malloc`` tunables): setting
-    one of them is also the way to opt out. Nested or concurrent blocks are not counted for
-    glibc: the first to end turns trimming back on.
+    one of them is also the way to opt out. Blocks nest, and may run in several threads: the
+    last to end turns trimming back on.
 
     Yields:
         Whether glibc's trimming was turned off.
@@ -108,24 +114,40 @@ def keep_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
 @contextlib.contextmanager
 def _untrimmed() -> Iterator[bool]:
     """glibc's trimming turned off inside the block, where glibc can be set (see above)."""
-    libc = _glibc()
-    if libc is None:
-        logger.debug("freed memory is not kept: the allocator is not glibc's")
+    global _untrimmed_blocks, _untrimmed_libc
+    with _untrimmed_lock:
+        if not _untrimmed_blocks:
+            _untrimmed_libc = _trimming_off()
+        untrimmed = _untrimmed_libc is not None
+        if untrimmed:
+            _untrimmed_blocks += 1
+    if not untrimmed:
         yield False
         return
-    user = _user_settings()
-    if user:
-        logger.debug("freed memory is not kept: glibc's allocator is set by %s", ", ".join(user))
-        yield False
-        return
-    # The first call is refused on 32-bit systems (a lower maximum), before anything changed.
-    if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) != 1:
-        logger.debug("freed memory is not kept: glibc refused an mmap threshold of 32 MiB")
-        yield False
-        return
-    libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)
     try:
         yield True
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
-        libc.malloc_trim(0)
+        with _untrimmed_lock:
+            _untrimmed_blocks -= 1
+            if not _untrimmed_blocks and _untrimmed_libc is not None:
+                _untrimmed_libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
+                _untrimmed_libc.malloc_trim(0)
+                _untrimmed_libc = None
+
+
+def _trimming_off() -> ctypes.CDLL | None:
+    """Turns glibc's trimming off; returns glibc, or None where nothing was changed."""
+    libc = _glibc()
+    if libc is None:
+        logger.debug("freed memory is not kept: the allocator is not glibc's")
+        return None
+    user = _user_settings()
+    if user:
+        logger.debug("freed memory is not kept: glibc's allocator is set by %s", ", ".join(user))
+        return None
+    # The first call is refused on 32-bit systems (a lower maximum), before anything changed.
+    if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) != 1:
+        logger.debug("freed memory is not kept: glibc refused an mmap threshold of 32 MiB")
+        return None
+    libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)
+    return libc
