@@ -34,7 +34,7 @@ _AUTO_DEVICES = {"triton": ("cuda",), "cpu": ("cpu",)}
 # Dtypes the Triton kernels load; they accumulate in float32.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Dtypes the CPU kernels take; bfloat16 accumulates in float32.
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CPU_DTYPES = tuple(getattr(torch, name) for name in cpu_build.DTYPES)
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:

@@ -33,11 +33,12 @@ import torch
 
 from .. import layout
 from . import results
+from .build import DTYPES as _TYPE_NAMES
 from .build import library
 
-# Storage dtypes the kernels take (the suffix of their entry points); bfloat16 accumulates in
+# Storage dtypes the kernels take, to the suffix of their entry points; bfloat16 accumulates in
 # float32.
-DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+DTYPES = {getattr(torch, name): name for name in _TYPE_NAMES}
 
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18

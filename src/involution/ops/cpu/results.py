@@ -74,28 +74,31 @@ def empty(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> to
 
 def _new_mapping(size: int) -> mmap.mmap:
     """A new mapping of ``size`` bytes, advised huge pages, counted live."""
-    global _live, _peak
     # Private: Linux gives huge pages to private anonymous memory (shared is shmem's).
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # a hint: a kernel without huge pages refuses it
         region.madvise(mmap.MADV_HUGEPAGE)
     with _lock:
-        _live += size
-        _peak = max(_peak, _live)
+        _count_live(size)
     return region
+
+
+def _count_live(size: int) -> None:
+    """Counts ``size`` more bytes live (the caller holds the lock)."""
+    global _live, _peak
+    _live += size
+    _peak = max(_peak, _live)
 
 
 def _take(size: int) -> tuple[mmap.mmap | None, list[mmap.mmap]]:
     """The smallest kept mapping of ``size`` bytes or more (at most twice as many), counted
     live; or None where a new one is to be made, with the kept mappings to give back first so
     that kept and live ones together stay within the block's peak."""
-    global _live, _peak
     with _lock:
         fits = [n for n, regions in list(_kept.items()) if size <= n <= 2 * size and regions]
         if fits:
             region = _kept[min(fits)].pop()
-            _live += len(region)
-            _peak = max(_peak, _live)
+            _count_live(len(region))
             return region, []
         live = _live + size
         kept = kept_bytes()
