@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from involution.benchmark import OpShape, benchmark_op, copy_bandwidth, measure_time, peak_memory
+from involution.benchmark import op as op_module
 from involution.benchmark.report import bar_chart, format_rows, format_table
 from involution.cli import bench as bench_cli
 from involution.cli.__main__ import main
@@ -165,6 +166,20 @@ def test_benchmark_op_rejects_bad_arguments(kwargs, match):
         benchmark_op(OpShape(1, 16, 6, 6), **kwargs)
 
 
+def test_benchmark_op_refuses_a_backend_that_cannot_run_before_measuring(monkeypatch):
+    """A named backend the device or dtype rules out is refused up front, saying why."""
+    measured = []
+    monkeypatch.setattr(op_module, "measure_time", lambda *a, **k: measured.append(a))
+    with pytest.raises(
+        RuntimeError, match=r"backends \('cpu'\) cannot run on cpu in torch\.float16: cpu"
+    ):
+        benchmark_op(
+            OpShape(1, 16, 6, 6), 3, dtype=torch.float16, backends=["torch", "cpu"],
+            passes=["forward"], repeats=1,
+        )  # fmt: skip
+    assert measured == []
+
+
 @pytest.mark.parametrize("text", ["8x64x56", "8x64x0x5", "axbxcxd", ""])
 def test_op_shape_parse_rejects_bad_text(text):
     with pytest.raises(ValueError, match="BxCxHxW"):
@@ -289,6 +304,7 @@ def test_cli_bench_cpu_measures_with_freed_memory_kept(argv, measure, tmp_path, 
         (["--group-channels", "7"], "group_channels (7) must divide"),
         (["--device", "tpu"], "--device ('tpu') must be cpu or cuda"),
         (["--threads", "0"], "--threads (0) must be >= 1"),
+        (["--device", "cpu", "--backends", "cpu", "--dtype", "float16"], "backends ('cpu') cannot"),
     ],
 )
 def test_cli_bench_op_bad_input(argv, message, capsys):

@@ -567,5 +567,6 @@ def test_benchmark_op_measures_cpu_in_channels_last():
     )  # fmt: skip
     assert [r["op"] for r in rows] == ["involution[cpu]", "conv2d depthwise"]
     assert all(r["median_ms"] > 0 for r in rows)
-    argv = ["bench", "op", "--shapes", "1x16x6x6", "--kernel-size", "3", "--backends", "cpu"]
+    argv = ["bench", "op", "--device", "cpu", "--shapes", "1x16x6x6", "--kernel-size", "3"]
+    argv += ["--backends", "cpu"]
     assert main([*argv, "--repeats", "1", "--copy-mib", "0", "--channels-last"]) == 0

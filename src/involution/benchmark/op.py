@@ -91,16 +91,24 @@ def available_backends(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> list[str]:
     """The involution backends (of ``ops.dispatch.BACKENDS``) that can run on ``device``."""
-    probe = torch.ones(1, 1, 1, 1, device=device, dtype=dtype)
     usable = []
     for name in BACKENDS:
-        try:
-            choose_backend(probe, probe.view(1, 1, 1, 1, 1), name)
-        except RuntimeError as error:
-            logger.info("skipping backend %s: %s", name, error)
-        else:
+        why = _why_not(name, device, dtype)
+        if why is None:
             usable.append(name)
+        else:
+            logger.info("skipping backend %s: %s", name, why)
     return usable
+
+
+def _why_not(backend: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on ``device`` in ``dtype``; None where it can."""
+    probe = torch.ones(1, 1, 1, 1, device=device, dtype=dtype)
+    try:
+        choose_backend(probe, probe.view(1, 1, 1, 1, 1), backend)
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 def copy_bandwidth(
@@ -301,9 +309,14 @@ def benchmark_op(
         unknown = [v for v in values if v not in allowed]
         if unknown:
             raise ValueError(f"{name} ({unknown}) must be among {allowed}")
-    copy = None if copy_bytes is None else _copy_operands(device, copy_bytes, "copy_bytes")
     if backends is None:
         backends = available_backends(device, dtype)
+    else:  # checked before any measurement: a refusal halfway would discard the rows before it
+        for name in backends:
+            why = _why_not(name, device, dtype)
+            if why is not None:
+                raise RuntimeError(f"backends ({name!r}) cannot run on {device} in {dtype}: {why}")
+    copy = None if copy_bytes is None else _copy_operands(device, copy_bytes, "copy_bytes")
     candidates = _candidates(
         shape,
         kernel_size,
