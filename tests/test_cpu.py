@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from involution import functional
 from involution import nn as involution_nn
 from involution.ops import dispatch, layout
+from involution.ops.cpu import build as cpu_build
 from involution.ops.cpu import launch
 
 from conftest import (
@@ -507,11 +508,7 @@ def test_second_process_loads_the_cached_library_without_building():
     assert "built the CPU kernels" not in result.stderr, result.stderr
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@pytest.mark.skipif(_cores() < 2, reason="needs two cores")
+@pytest.mark.skipif(cpu_build._cores() < 2, reason="needs two cores")
 def test_build_compiles_side_by_side(tmp_path):
     """The build's compilations (one per storage type) run at once, one per core."""
     from involution.ops.cpu import build

@@ -217,7 +217,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict, dict]:
     dtype = _DTYPES[args.dtype]
     metadata: dict[str, object] = environment(device)
-    backends = args.backends or op_bench.available_backends(device, dtype)
     metadata.update(
         kernel_size=args.kernel_size,
         stride=args.stride,
@@ -234,7 +233,7 @@ def _run_op(args: argparse.Namespace, device: torch.device) -> tuple[list, dict,
             args.group_channels,
             dtype,
             device,
-            backends,
+            args.backends,  # None: every backend that runs on the device
             args.baselines,
             args.passes,
             args.warmup,

@@ -150,14 +150,19 @@ def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, target: 
             os.unlink(tmp)
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _run_all(commands: list[list[str]], logs: str, deadline: float, name: str) -> None:
     """Runs ``commands`` side by side, at most one per core, their output to files in ``logs``.
     Raises BuildError for the first that fails (with its first error line), or when they have
     not all finished by ``deadline``; the others are then stopped."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = _cores()
     pending = list(enumerate(commands))
     running: dict[int, subprocess.Popen[bytes]] = {}
     try:
