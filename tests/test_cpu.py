@@ -511,35 +511,29 @@ def test_second_process_loads_the_cached_library_without_building():
 @pytest.mark.skipif(cpu_build._cores() < 2, reason="needs two cores")
 def test_build_compiles_side_by_side(tmp_path):
     """The build's compilations (one per storage type) run at once, one per core."""
-    from involution.ops.cpu import build
-
     stamp = 'date +%s.%N > "$0.start"; sleep 1; date +%s.%N > "$0.end"'
     commands = [["sh", "-c", stamp, str(tmp_path / str(i))] for i in range(2)]
-    build._run_all(commands, str(tmp_path), time.monotonic() + 60, "sh")
+    cpu_build._run_all(commands, str(tmp_path), time.monotonic() + 60, "sh")
     starts = [float((tmp_path / f"{i}.start").read_text()) for i in range(2)]
     ends = [float((tmp_path / f"{i}.end").read_text()) for i in range(2)]
     assert max(starts) < min(ends)  # both ran at the same time
 
 
 def test_build_failure_names_the_command_and_stops_the_others(tmp_path):
-    from involution.ops.cpu import build
-
     waiting = ["sh", "-c", 'echo $$ > "$0"; exec sleep 60', str(tmp_path / "pid")]
     failing = ["sh", "-c", "sleep 0.5; echo 'x.cpp:1: error: broken' >&2; exit 3"]
-    with pytest.raises(build.BuildError, match=r"exited with 3: x.cpp:1: error: broken"):
-        build._run_all([waiting, failing], str(tmp_path), time.monotonic() + 60, "sh")
+    with pytest.raises(cpu_build.BuildError, match=r"exited with 3: x.cpp:1: error: broken"):
+        cpu_build._run_all([waiting, failing], str(tmp_path), time.monotonic() + 60, "sh")
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped and reaped
 
 
 def test_build_that_runs_too_long_is_stopped(tmp_path):
-    from involution.ops.cpu import build
-
     waiting = ["sh", "-c", 'echo $$ > "$0"; exec sleep 60', str(tmp_path / "pid")]
-    with pytest.raises(build.BuildError, match="took longer than") as error:
-        build._run_all([waiting], str(tmp_path), time.monotonic() + 1, "slow-cxx")
-    assert isinstance(error.value, build._BuildTimeout)  # no second build after this one
+    with pytest.raises(cpu_build.BuildError, match="took longer than") as error:
+        cpu_build._run_all([waiting], str(tmp_path), time.monotonic() + 1, "slow-cxx")
+    assert isinstance(error.value, cpu_build._BuildTimeout)  # no second build after this one
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp_path / "pid").read_text()), 0)
 

@@ -69,8 +69,15 @@ ENTRY_POINTS = (
     "involution_fused_grad_features",
 )
 # The storage types, one compilation each (kernels.cpp's INVOLUTION_DTYPE codes, in order): an
-# entry point of the library is ENTRY_POINTS[i] + "_" + the type's name.
+# entry point of the library is named by symbol().
 DTYPES = ("float32", "float64", "bfloat16")
+
+
+def symbol(entry: str, type_name: str) -> str:
+    """The library's name for entry point ``entry`` (of ENTRY_POINTS) of one storage type."""
+    return f"{entry}_{type_name}"
+
+
 # A build that has not finished by then has failed: the first call must not hang.
 _BUILD_TIMEOUT_S = 120
 
@@ -197,7 +204,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name in ENTRY_POINTS:
         for dtype in DTYPES:
-            fn = getattr(lib, f"{name}_{dtype}")
+            fn = getattr(lib, symbol(name, dtype))
             # (problem, fused operands or null, rows, rows per unit, threads)
             fn.argtypes = [
                 ctypes.c_void_p,

@@ -34,7 +34,7 @@ import torch
 from .. import layout
 from . import results
 from .build import DTYPES as _TYPE_NAMES
-from .build import library
+from .build import library, symbol
 
 # Storage dtypes the kernels take, to the suffix of their entry points; bfloat16 accumulates in
 # float32.
@@ -132,7 +132,7 @@ def _run(
 ) -> None:
     """Calls kernel ``entry`` for ``dtype`` on ``rows`` result rows, split among threads in whole
     ``unit``s."""
-    fn = getattr(library(), f"{entry}_{DTYPES[dtype]}")
+    fn = getattr(library(), symbol(entry, DTYPES[dtype]))
     units = -(-rows // unit)
     threads = max(1, min(torch.get_num_threads(), units, macs // _MIN_MACS_PER_THREAD))
     address = problem.buffer_info()[0]
