@@ -41,8 +41,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from involution.ops import layout
-from involution.ops.cpu import build, launch, results
+import cpu_problem
+from involution.ops.cpu import build, results
 from involution.training.memory import keep_freed_memory
 
 # glibc's mallopt parameter: the most blocks it maps on their own (0: none, all from the heap).
@@ -144,11 +144,7 @@ def _extension_seconds() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="8x256x56x56", help="BxCxHxW (default: %(default)s)")
-    parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--group-channels", type=int, default=16)
-    parser.add_argument("--nchw", action="store_true", help="NCHW inputs (default: channels_last)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    cpu_problem.add_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5, help="alternations (default: 5)")
     parser.add_argument(
         "--no-extension", action="store_true", help="skip building the extension of (a)"
@@ -157,25 +153,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     backend_build = _backend_build_seconds()  # first, before any pass loads the library
-    batch, channels, height, width = (int(v) for v in args.shape.split("x"))
-    k, groups = args.kernel_size, channels // args.group_channels
-    fmt = torch.contiguous_format if args.nchw else torch.channels_last
-    geometry = ((k, k), (1, 1), (k // 2, k // 2), (1, 1))
-    torch.manual_seed(0)
-    x = torch.randn(batch, channels, height, width).contiguous(memory_format=fmt)
-    kernel = layout.empty_kernel(
-        (batch, groups, k * k, height, width), x, pixel_major=not args.nchw
-    ).normal_()
-    grad_out = torch.randn_like(x)
+    problem = cpu_problem.problem(args)
+    x, kernel, grad_out, cpu = problem.x, problem.kernel, problem.grad_out, problem.passes
     operands = {
         "forward": (x, kernel),
         "grad_input": (grad_out, kernel),
         "grad_kernel": (grad_out, x),
-    }
-    cpu = {
-        "forward": lambda: launch.forward(x, kernel, *geometry),
-        "grad_input": lambda: launch.grad_input(grad_out, kernel, (height, width), *geometry),
-        "grad_kernel": lambda: launch.grad_kernel(grad_out, x, *geometry, groups),
     }
 
     # An empty cache, so that the first call of each pass is a first use.
@@ -183,7 +166,7 @@ def main() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     inductor: dict[str, Callable[[], torch.Tensor]] = {}
     compile_seconds = {}
-    for name, fn in _inductor_passes(k, groups).items():
+    for name, fn in _inductor_passes(problem.kernel_size, problem.groups).items():
         compiled = torch.compile(fn, dynamic=False)
         start = time.perf_counter()
         with torch.no_grad():
@@ -211,10 +194,7 @@ def main() -> None:
     cache.cleanup()
 
     memory = "glibc heap only, kept" if heap_only else "torch's allocator as it is"
-    print(
-        f"{args.shape}, K={k}, G={groups}, {'NCHW' if args.nchw else 'channels_last'}, "
-        f"{args.threads} threads, float32; inductor's results: {memory}"
-    )
+    print(f"{problem.describe(args)}; inductor's results: {memory}")
     print(f"median ms of {args.rounds} alternating rounds; compile: first call, empty cache")
     print(f"{'pass':12s}{'cpu':>10s}{'inductor':>10s}{'inductor / cpu':>16s}{'compile s':>11s}")
     total = {"cpu": 0.0, "inductor": 0.0}

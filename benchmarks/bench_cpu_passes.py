@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from involution.ops.cpu import launch, results
+import cpu_problem
+from involution.ops.cpu import results
 
 
 @contextlib.contextmanager
@@ -55,29 +56,13 @@ _VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="8x256x56x56", help="BxCxHxW (default: %(default)s)")
-    parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--group-channels", type=int, default=16)
-    parser.add_argument("--nchw", action="store_true", help="NCHW inputs (default: channels_last)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    cpu_problem.add_arguments(parser)
     parser.add_argument("--rounds", type=int, default=8, help="alternations (default: 8)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    batch, channels, height, width = (int(v) for v in args.shape.split("x"))
-    k, groups = args.kernel_size, channels // args.group_channels
-    fmt = torch.contiguous_format if args.nchw else torch.channels_last
-    geometry = ((k, k), (1, 1), (k // 2, k // 2), (1, 1))
-    torch.manual_seed(0)
-    x = torch.randn(batch, channels, height, width).contiguous(memory_format=fmt)
-    kernel = torch.randn(batch, groups * k * k, height, width).contiguous(memory_format=fmt)
-    kernel = kernel.view(batch, groups, k * k, height, width)
-    grad_out = torch.randn_like(x)
-    passes = {
-        "forward": lambda: launch.forward(x, kernel, *geometry),
-        "grad_input": lambda: launch.grad_input(grad_out, kernel, (height, width), *geometry),
-        "grad_kernel": lambda: launch.grad_kernel(grad_out, x, *geometry, groups),
-    }
+    problem = cpu_problem.problem(args)
+    passes = problem.passes
     names = list(_VARIANTS)
     times: dict[tuple[str, str], list[float]] = {(v, p): [] for v in names for p in passes}
     for round_ in range(args.rounds + 1):  # round 0 warms up
@@ -94,8 +79,7 @@ def main() -> None:
         with _VARIANTS[name]():
             outputs.update({(name, p): fn() for p, fn in passes.items()})
 
-    layout = "NCHW" if args.nchw else "channels_last"
-    print(f"{args.shape}, K={k}, G={groups}, {layout}, {args.threads} threads, float32")
+    print(problem.describe(args))
     print(f"median ms of {args.rounds} alternating rounds")
     others = names[1:]
 
