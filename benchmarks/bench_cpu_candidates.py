@@ -31,7 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import tempfile
@@ -43,19 +42,17 @@ import torch.nn.functional as F
 
 import cpu_problem
 from involution.ops.cpu import build, results
-from involution.training.memory import keep_freed_memory
+from involution.training import memory
 
 # glibc's mallopt parameter: the most blocks it maps on their own (0: none, all from the heap).
 _M_MMAP_MAX = -4
 
 
 def _glibc_heap_only() -> bool:
-    """Serves every block from glibc's heap (whose trimming keep_freed_memory turns off)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0))
-    except (OSError, AttributeError):
-        return False
+    """Serves every block from glibc's heap (whose trimming keep_freed_memory turns off), where
+    the process's allocator is glibc's."""
+    libc = memory._glibc()
+    return libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
 
 
 def _inductor_passes(
@@ -182,7 +179,7 @@ def main() -> None:
     candidates = {"cpu": cpu, "inductor": inductor}
     times: dict[tuple[str, str], list[float]] = {(c, p): [] for c in candidates for p in cpu}
     heap_only = _glibc_heap_only()
-    with keep_freed_memory(torch.device("cpu")), results.keep(), torch.no_grad():
+    with memory.keep_freed_memory(torch.device("cpu")), results.keep(), torch.no_grad():
         for round_ in range(args.rounds + 1):  # round 0 warms up
             for name in list(candidates) if round_ % 2 == 0 else list(candidates)[::-1]:
                 for p, fn in candidates[name].items():
@@ -193,8 +190,8 @@ def main() -> None:
                         times[name, p].append(time.perf_counter() - start)
     cache.cleanup()
 
-    memory = "glibc heap only, kept" if heap_only else "torch's allocator as it is"
-    print(f"{problem.describe(args)}; inductor's results: {memory}")
+    allocation = "glibc heap only, kept" if heap_only else "torch's allocator as it is"
+    print(f"{problem.describe(args)}; inductor's results: {allocation}")
     print(f"median ms of {args.rounds} alternating rounds; compile: first call, empty cache")
     print(f"{'pass':12s}{'cpu':>10s}{'inductor':>10s}{'inductor / cpu':>16s}{'compile s':>11s}")
     total = {"cpu": 0.0, "inductor": 0.0}
