@@ -52,6 +52,10 @@ CASES = [
     (1, 1, 8, 1, (13,), 3, 1, 3),
     (3, 1, 32, 2, (5, 6, 4), 3, 2, 1),
     (3, 1, 6, 3, (4, 5, 6), 3, 1, 1),
+    # Stride 1, dilation 1 and 16 channels per group: the sliding blocks, K = 3, 5 and 7
+    (2, 1, 32, 2, (9, 12), 5, 1, 1),
+    (1, 2, 32, 2, (21,), 7, 1, 1),
+    (3, 1, 16, 1, (4, 5, 7), 3, 1, 1),
 ]
 
 
@@ -162,6 +166,29 @@ def test_gradcheck_and_gradgradcheck_float64(case):
 
     assert torch.autograd.gradcheck(fn, (x, w))
     assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_gradcheck_float64_sliding_blocks():
+    """16 channels per group at stride 1 in channels last: the passes' sliding blocks."""
+    x, w, kwargs = make_inputs(2, 1, 16, 1, (6, 7), 3, 1, 1)
+    x = _channels_last(x).requires_grad_()
+    w = _pixel_major(w).requires_grad_()
+
+    def fn(x, w):
+        return FUNCS[2](x, w, backend="cpu", **kwargs)
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_sliding_forward_equals_the_generic_block_bit_for_bit():
+    """A pixel-major kernel takes the forward's sliding block, a contiguous one the generic
+    block: the same multiply-adds in the same order, so the same bits."""
+    x, w, kwargs = make_inputs(2, 2, 32, 2, (9, 13), 7, 1, 1, dtype=torch.float32)
+    x = _channels_last(x)
+    sliding = FUNCS[2](x, _pixel_major(w), backend="cpu", **kwargs)
+    generic = FUNCS[2](x, w, backend="cpu", **kwargs)
+    assert sliding.abs().max() > 0
+    assert torch.equal(sliding, generic)
 
 
 def test_padding_taps_multiply_zeros_like_the_reference():

@@ -177,6 +177,18 @@ template <class S> struct Lanes<S, 1> {
 // vectors take twice the registers, so half as many.
 template <class S> constexpr int pixels() { return sizeof(S) == 8 ? 2 : 4; }
 
+// Keeps v in a register from here on: a vector loaded once to be multiplied into several
+// accumulators, whose load GCC would otherwise fold into every multiply-add again (a load each).
+// Where the vector does not fit one register (no AVX), nothing is asked.
+template <class V>
+__attribute__((always_inline)) inline void in_register(V& v) {
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -504,6 +516,42 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
+// The same block where the step between taps equals the step between pixels (stride and
+// dilation equal along the row: 1 and 1 above all), for a group of 16 channels and a pixel-major
+// kernel (taps contiguous), KW known. Pixel j's tap kw then reads the input that pixel j + 1
+// reads at tap kw - 1: each input vector of a tap row is loaded once and multiplied into every
+// pixel that reads it, P + KW - 1 loads instead of P * KW. Every pixel still adds its taps in
+// the same order, so the results are those of forward_block, bit for bit.
+template <class S, class T, class K, int P, int KW>
+inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t xo, const K* k,
+                                  int64_t ko, int64_t kp, T* out, int64_t op, int64_t oc) {
+  typedef typename Acc<S>::V V;
+  V acc[P][2];
+  for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
+  const K* kj[P];
+  for (int j = 0; j < P; ++j) kj[j] = k + ko + j * kp;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const S* xr = rows[r] + xo;
+#pragma GCC unroll 16
+    for (int q = 0; q < P + KW - 1; ++q) {
+      V x0 = load8(xr + q * 16), x1 = load8(xr + q * 16 + 8);
+      in_register(x0);
+      in_register(x1);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) {
+        const int kw = q - j;
+        if (kw < 0 || kw >= KW) continue;
+        const S w = widen(kj[j][kw]);
+        acc[j][0] += w * x0;
+        acc[j][1] += w * x1;
+      }
+    }
+    for (int j = 0; j < P; ++j) kj[j] += KW;
+  }
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < 2; ++v) store8(out + j * op + v * 8 * oc, oc, acc[j][v]);
+}
+
 // Hints the cache lines of the values p[i * si + j * sj], i < ni, j < nj, to the cache (reads
 // into L2; WRITE: for writing), one hint per line along a contiguous dimension (si or sj = 1),
 // else per value. Always inlined: GCC drops calls to a function whose only effect is a hint.
@@ -529,6 +577,16 @@ inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int6
                            int64_t xw, int64_t KW, int64_t cg, const K* k, int64_t ko,
                            int64_t kt, int64_t kp, T* out, int64_t op, int64_t oc) {
   int64_t c = 0;
+  if (xw == xp && xp == 16 && cg == 16 && kt == 1 && (KW == 3 || KW == 5 || KW == 7)) {
+    if (KW == 7) {
+      forward_block_sliding<S, T, K, P, 7>(rows, nrows, xo, k, ko, kp, out, op, oc);
+    } else if (KW == 5) {
+      forward_block_sliding<S, T, K, P, 5>(rows, nrows, xo, k, ko, kp, out, op, oc);
+    } else {
+      forward_block_sliding<S, T, K, P, 3>(rows, nrows, xo, k, ko, kp, out, op, oc);
+    }
+    return;
+  }
   for (; c + 16 <= cg; c += 16)
     forward_block<S, T, K, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
                                     out + c * oc, op, oc);
@@ -749,10 +807,56 @@ inline void grad_input_block(const S* const* grows, const S* kbuf, int64_t nrows
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
+// The same block for stride 1 and dilation 1 along the row and a group of 16 channels, KW known:
+// input column j is reached by tap n from buffer column j - n (relative to the first), so the
+// grad_out vectors of the P columns are P + KW - 1 columns of the buffer, each loaded once per
+// tap row and multiplied into every column that it reaches. Every column still adds its taps in
+// the same order (n ascending), so the results are those of grad_input_block, bit for bit.
+template <class S, class T, int P, int KW>
+inline void grad_input_block_sliding(const S* const* grows, const S* kbuf, int64_t nrows,
+                                     int64_t krow, const Reach& re, T* out, int64_t op,
+                                     int64_t oc) {
+  typedef typename Acc<S>::V V;
+  V acc[P][2];
+  for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
+  for (int64_t r = 0; r < nrows; ++r) {
+    const S* kq = kbuf + r * krow + re.k0;
+    const S* gq = grows[r] + re.g0;
+#pragma GCC unroll 16
+    for (int u = P - 1; u > -KW; --u) {  // u = j - n
+      V g0 = load8(gq + u * 16), g1 = load8(gq + u * 16 + 8);
+      in_register(g0);
+      in_register(g1);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) {
+        const int n = j - u;
+        if (n < 0 || n >= KW) continue;
+        const S w = kq[n * (1 - KW) + j * KW];
+        acc[j][0] += w * g0;
+        acc[j][1] += w * g1;
+      }
+    }
+  }
+  for (int j = 0; j < P; ++j)
+    for (int v = 0; v < 2; ++v) store8(out + j * op + v * 8 * oc, oc, acc[j][v]);
+}
+
 template <class S, class T, int P>
 inline void grad_input_pixels(const S* const* grows, const S* kbuf, int64_t nrows, int64_t krow,
                               int64_t cg, int64_t KW, const Reach& re, T* out, int64_t op,
                               int64_t oc) {
+  // Stride 1 and dilation 1 along the row: every tap reaches a column, one buffer column apart.
+  if (cg == 16 && re.n == KW && re.kstep == 1 - KW && re.gstep == -16 &&
+      (KW == 3 || KW == 5 || KW == 7)) {
+    if (KW == 7) {
+      grad_input_block_sliding<S, T, P, 7>(grows, kbuf, nrows, krow, re, out, op, oc);
+    } else if (KW == 5) {
+      grad_input_block_sliding<S, T, P, 5>(grows, kbuf, nrows, krow, re, out, op, oc);
+    } else {
+      grad_input_block_sliding<S, T, P, 3>(grows, kbuf, nrows, krow, re, out, op, oc);
+    }
+    return;
+  }
   int64_t c = 0;
   for (; c + 16 <= cg; c += 16)
     grad_input_block<S, T, 8, 2, P>(grows, kbuf, nrows, krow, cg, KW, re, c, out + c * oc, op,
