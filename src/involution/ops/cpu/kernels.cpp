@@ -160,6 +160,15 @@ __attribute__((always_inline)) inline V sum_lanes8(const V* p) {
          __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// The sum of the lanes of one vector.
+template <class V>
+__attribute__((always_inline)) inline auto sum_lanes(V v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+
 // A block of channels held in registers: LANES = 8 (vectors) or 1 (a scalar), of type S.
 template <class S, int LANES> struct Lanes;
 template <class S> struct Lanes<S, 8> {
@@ -700,7 +709,16 @@ inline void grad_kernel_pixel(const S* const* tap, int64_t xo, int64_t taps, int
   typedef typename Acc<S>::V V;
   V gv[NV > 0 ? NV : 1];
   for (int v = 0; v < NV; ++v) gv[v] = load8(gl + 8 * v);
-  for (int64_t t0 = 0; t0 < taps; t0 += 8) {
+  // The last taps, when fewer than four, are summed one at a time: cheaper than folding eight
+  // vectors that are mostly the zero row's (K = 7: 49 = 6 * 8 + 1 taps).
+  const int64_t folded_taps = NV > 0 && taps % 8 < 4 ? taps / 8 * 8 : taps;
+  for (int64_t t = folded_taps; t < taps; ++t) {
+    const S* x = tap[t] + xo;
+    V part = gv[0] * load8(x);
+    for (int v = 1; v < NV; ++v) part += gv[v] * load8(x + 8 * v);
+    narrow(sum_lanes(part), out + t * ot);
+  }
+  for (int64_t t0 = 0; t0 < folded_taps; t0 += 8) {
     V part[8];
     if (NV > 0) {
       for (int j = 0; j < 8; ++j) {
