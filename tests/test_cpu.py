@@ -181,14 +181,15 @@ def test_gradcheck_float64_sliding_blocks():
 
 
 def test_sliding_forward_equals_the_generic_block_bit_for_bit():
-    """A pixel-major kernel takes the forward's sliding block, a contiguous one the generic
-    block: the same multiply-adds in the same order, so the same bits."""
+    """A kernel with contiguous taps or pixels takes the forward's sliding block, one with
+    neither (every other element) the generic block: the same multiply-adds in the same order,
+    so the same bits."""
     x, w, kwargs = make_inputs(2, 2, 32, 2, (9, 13), 7, 1, 1, dtype=torch.float32)
     x = _channels_last(x)
-    sliding = FUNCS[2](x, _pixel_major(w), backend="cpu", **kwargs)
-    generic = FUNCS[2](x, w, backend="cpu", **kwargs)
-    assert sliding.abs().max() > 0
-    assert torch.equal(sliding, generic)
+    generic = FUNCS[2](x, _sliced(w), backend="cpu", **kwargs)
+    assert generic.abs().max() > 0
+    for kernel in (_pixel_major(w), w):
+        assert torch.equal(FUNCS[2](x, kernel, backend="cpu", **kwargs), generic)
 
 
 def test_padding_taps_multiply_zeros_like_the_reference():

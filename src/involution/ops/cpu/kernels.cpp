@@ -526,20 +526,21 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
 }
 
 // The same block where the step between taps equals the step between pixels (stride and
-// dilation equal along the row: 1 and 1 above all), for a group of 16 channels and a pixel-major
-// kernel (taps contiguous), KW known. Pixel j's tap kw then reads the input that pixel j + 1
-// reads at tap kw - 1: each input vector of a tap row is loaded once and multiplied into every
-// pixel that reads it, P + KW - 1 loads instead of P * KW. Every pixel still adds its taps in
-// the same order, so the results are those of forward_block, bit for bit.
-template <class S, class T, class K, int P, int KW>
+// dilation equal along the row: 1 and 1 above all), for a group of 16 channels, KW known, and a
+// kernel whose taps (PIXEL_MAJOR: kt = 1) or pixels (kp = 1) are contiguous. Pixel j's tap kw
+// then reads the input that pixel j + 1 reads at tap kw - 1: each input vector of a tap row is
+// loaded once and multiplied into every pixel that reads it, P + KW - 1 loads instead of P * KW.
+// Every pixel still adds its taps in the same order, so the results are those of
+// forward_block, bit for bit.
+template <class S, class T, class K, int P, int KW, bool PIXEL_MAJOR>
 inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t xo, const K* k,
-                                  int64_t ko, int64_t kp, T* out, int64_t op, int64_t oc) {
+                                  int64_t ko, int64_t kt, int64_t kp, T* out, int64_t op,
+                                  int64_t oc) {
   typedef typename Acc<S>::V V;
   V acc[P][2];
   for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
-  const K* kj[P];
-  for (int j = 0; j < P; ++j) kj[j] = k + ko + j * kp;
-  for (int64_t r = 0; r < nrows; ++r) {
+  const K* kr = k + ko;
+  for (int64_t r = 0; r < nrows; ++r, kr += KW * kt) {
     const S* xr = rows[r] + xo;
 #pragma GCC unroll 16
     for (int q = 0; q < P + KW - 1; ++q) {
@@ -550,15 +551,37 @@ inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t x
       for (int j = 0; j < P; ++j) {
         const int kw = q - j;
         if (kw < 0 || kw >= KW) continue;
-        const S w = widen(kj[j][kw]);
+        const S w = widen(PIXEL_MAJOR ? kr[j * kp + kw] : kr[kw * kt + j]);
         acc[j][0] += w * x0;
         acc[j][1] += w * x1;
       }
     }
-    for (int j = 0; j < P; ++j) kj[j] += KW;
   }
   for (int j = 0; j < P; ++j)
     for (int v = 0; v < 2; ++v) store8(out + j * op + v * 8 * oc, oc, acc[j][v]);
+}
+
+// forward_block_sliding for KW; false for another KW.
+template <class S, class T, class K, int P, bool PIXEL_MAJOR>
+inline bool forward_sliding_kw(const S* const* rows, int64_t nrows, int64_t xo, int64_t KW,
+                               const K* k, int64_t ko, int64_t kt, int64_t kp, T* out,
+                               int64_t op, int64_t oc) {
+  switch (KW) {
+    case 3:
+      forward_block_sliding<S, T, K, P, 3, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
+                                                        oc);
+      return true;
+    case 5:
+      forward_block_sliding<S, T, K, P, 5, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
+                                                        oc);
+      return true;
+    case 7:
+      forward_block_sliding<S, T, K, P, 7, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
+                                                        oc);
+      return true;
+    default:
+      return false;
+  }
 }
 
 // Hints the cache lines of the values p[i * si + j * sj], i < ni, j < nj, to the cache (reads
@@ -586,15 +609,13 @@ inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int6
                            int64_t xw, int64_t KW, int64_t cg, const K* k, int64_t ko,
                            int64_t kt, int64_t kp, T* out, int64_t op, int64_t oc) {
   int64_t c = 0;
-  if (xw == xp && xp == 16 && cg == 16 && kt == 1 && (KW == 3 || KW == 5 || KW == 7)) {
-    if (KW == 7) {
-      forward_block_sliding<S, T, K, P, 7>(rows, nrows, xo, k, ko, kp, out, op, oc);
-    } else if (KW == 5) {
-      forward_block_sliding<S, T, K, P, 5>(rows, nrows, xo, k, ko, kp, out, op, oc);
-    } else {
-      forward_block_sliding<S, T, K, P, 3>(rows, nrows, xo, k, ko, kp, out, op, oc);
-    }
-    return;
+  if (xw == xp && xp == 16 && cg == 16) {  // the sliding blocks, where they apply
+    if (kt == 1 && forward_sliding_kw<S, T, K, P, true>(rows, nrows, xo, KW, k, ko, kt, kp, out,
+                                                         op, oc))
+      return;
+    if (kp == 1 && forward_sliding_kw<S, T, K, P, false>(rows, nrows, xo, KW, k, ko, kt, kp, out,
+                                                          op, oc))
+      return;
   }
   for (; c + 16 <= cg; c += 16)
     forward_block<S, T, K, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
