@@ -787,9 +787,18 @@ int grad_kernel(const Problem& p, int64_t row_begin, int64_t row_end) {
   const S** tap = rows + nrows;
   for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
   const int64_t xp = g.SW * g.cg;
+  auto go_of = [&](int64_t row, int64_t gi) {
+    return go + row / g.OH / g.OD * gs[0] + row / g.OH % g.OD * gs[2] + row % g.OH * gs[3] +
+           gi * g.cg * gs[1];
+  };
   for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    const T* g_row = go + b * gs[0] + od * gs[2] + oh * gs[3] + gi * g.cg * gs[1];
+    const T* g_row = go_of(row, gi);
+    // The next unit's grad_out, hinted to the cache while this unit is computed (in channels
+    // last its pixels lie C values apart, a stride the prefetchers did not follow: 0.9x the
+    // time at 8x256x56x56).
+    const int64_t next_row = gi + 1 < g.G ? row : row + 1, next_gi = gi + 1 < g.G ? gi + 1 : 0;
+    if (next_row < row_end) prefetch<false>(go_of(next_row, next_gi), g.OW, gs[4], g.cg, gs[1]);
     T* o_row = (T*)p.out + b * os[0] + od * os[3] + oh * os[4] + gi * os[1];
     input_rows(cache, g, gi, b, od, oh, rows);
     for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
