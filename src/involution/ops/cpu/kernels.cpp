@@ -769,6 +769,51 @@ inline void grad_kernel_pixel(const S* const* tap, int64_t xo, int64_t taps, int
   }
 }
 
+// The grad_out row of unit (row, gi), row = (b, od, oh).
+template <class T>
+const T* grad_out_row(const T* go, const int64_t* gs, const Geometry& g, int64_t row,
+                      int64_t gi) {
+  return go + row / g.OH / g.OD * gs[0] + row / g.OH % g.OD * gs[2] + row % g.OH * gs[3] +
+         gi * g.cg * gs[1];
+}
+
+// Room for grad_kernel_unit's rows: the tap rows, then the taps padded to a multiple of 8.
+inline int64_t unit_rows(const Geometry& g) {
+  return g.KD * g.KH + (g.KD * g.KH * g.KW + 7) / 8 * 8;
+}
+
+// The kernel gradient of unit (row, gi), row = (b, od, oh) < row_end, every output pixel: from
+// the group's cached input rows and grad_out go (strides gs), to out[ow * op + t * ot]. rows:
+// unit_rows(g) pointers; gl: room for one pixel's grad_out.
+template <class S, class T, class U>
+void grad_kernel_unit(RowCache<S, U>& cache, const Geometry& g, const U* go, const int64_t* gs,
+                      int64_t row, int64_t gi, int64_t row_end, const S** rows, S* gl, T* out,
+                      int64_t ot, int64_t op) {
+  // The next unit's grad_out, hinted to the cache while this unit is computed (in channels last
+  // its pixels lie C values apart, a stride the prefetchers did not follow: 0.9x the time of
+  // grad_kernel at 8x256x56x56).
+  const int64_t next_row = gi + 1 < g.G ? row : row + 1, next_gi = gi + 1 < g.G ? gi + 1 : 0;
+  if (next_row < row_end)
+    prefetch<false>(grad_out_row(go, gs, g, next_row, next_gi), g.OW, gs[4], g.cg, gs[1]);
+  const int64_t nrows = g.KD * g.KH, taps = nrows * g.KW, xp = g.SW * g.cg;
+  input_rows(cache, g, gi, row / g.OH / g.OD, row / g.OH % g.OD, row % g.OH, rows);
+  const S** tap = rows + nrows;
+  for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
+  for (int64_t t = taps; t < (taps + 7) / 8 * 8; ++t) tap[t] = cache.zeros();
+  const U* g_row = grad_out_row(go, gs, g, row, gi);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
+    T* o = out + ow * op;
+    if (g.cg == 16) {
+      grad_kernel_pixel<S, T, 2>(tap, ow * xp, taps, g.cg, gl, o, ot);
+    } else if (g.cg == 8) {
+      grad_kernel_pixel<S, T, 1>(tap, ow * xp, taps, g.cg, gl, o, ot);
+    } else {
+      grad_kernel_pixel<S, T, 0>(tap, ow * xp, taps, g.cg, gl, o, ot);
+    }
+  }
+}
+
 template <class T>
 int grad_kernel(const Problem& p, int64_t row_begin, int64_t row_end) {
   typedef typename Acc<T>::S S;
@@ -776,43 +821,17 @@ int grad_kernel(const Problem& p, int64_t row_begin, int64_t row_end) {
   const T* go = (const T*)p.b;
   const int64_t *gs = p.b_stride, *os = p.out_stride;
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
-  const int64_t nrows = g.KD * g.KH, taps = nrows * g.KW, padded = (taps + 7) / 8 * 8;
-  const S** rows = (const S**)malloc(sizeof(S*) * (nrows + padded));
+  const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
   S* gl = (S*)malloc(sizeof(S) * g.cg);
   if (!cache.ok() || !rows || !gl) {
     free(rows);
     free(gl);
     return -1;
   }
-  const S** tap = rows + nrows;
-  for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
-  const int64_t xp = g.SW * g.cg;
-  auto go_of = [&](int64_t row, int64_t gi) {
-    return go + row / g.OH / g.OD * gs[0] + row / g.OH % g.OD * gs[2] + row % g.OH * gs[3] +
-           gi * g.cg * gs[1];
-  };
   for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    const T* g_row = go_of(row, gi);
-    // The next unit's grad_out, hinted to the cache while this unit is computed (in channels
-    // last its pixels lie C values apart, a stride the prefetchers did not follow: 0.9x the
-    // time at 8x256x56x56).
-    const int64_t next_row = gi + 1 < g.G ? row : row + 1, next_gi = gi + 1 < g.G ? gi + 1 : 0;
-    if (next_row < row_end) prefetch<false>(go_of(next_row, next_gi), g.OW, gs[4], g.cg, gs[1]);
     T* o_row = (T*)p.out + b * os[0] + od * os[3] + oh * os[4] + gi * os[1];
-    input_rows(cache, g, gi, b, od, oh, rows);
-    for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
-      pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
-      T* o = o_row + ow * os[5];
-      if (g.cg == 16) {
-        grad_kernel_pixel<S, T, 2>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
-      } else if (g.cg == 8) {
-        grad_kernel_pixel<S, T, 1>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
-      } else {
-        grad_kernel_pixel<S, T, 0>(tap, ow * xp, taps, g.cg, gl, o, os[2]);
-      }
-    }
+    grad_kernel_unit(cache, g, go, gs, row, gi, row_end, rows, gl, o_row, os[2], os[5]);
   });
   free(rows);
   free(gl);
@@ -1074,40 +1093,22 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   const int64_t *gs = p.b_stride, *fs = f.features_stride, *ds = f.grad_features_stride;
   const int64_t R = f.hidden, taps = g.KD * g.KH * g.KW, GT = g.G * taps;
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
-  const int64_t nrows = g.KD * g.KH, padded = (taps + 7) / 8 * 8;
-  const S** rows = (const S**)malloc(sizeof(S*) * (nrows + padded));
+  const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
   S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
   if (!cache.ok() || !rows || !buf) {
     free(rows);
     free(buf);
     return -1;
   }
-  const S** tap = rows + nrows;
-  for (int64_t t = taps; t < padded; ++t) tap[t] = cache.zeros();
   S *gl = buf, *w = gl + g.cg, *dk = w + GT * R, *fbuf = dk + g.OW * GT, *dkt = fbuf + g.OW * R;
   const T* wsrc = (const T*)f.weight;
   for (int64_t j = 0; j < GT; ++j)
     for (int64_t r = 0; r < R; ++r)
       w[j * R + r] = widen(wsrc[j * f.weight_stride[0] + r * f.weight_stride[1]]);
-  const int64_t xp = g.SW * g.cg;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    for (int64_t gi = 0; gi < g.G; ++gi) {
-      const T* g_row = go + b * gs[0] + od * gs[2] + oh * gs[3] + gi * g.cg * gs[1];
-      input_rows(cache, g, gi, b, od, oh, rows);
-      for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
-        S* o = dk + ow * GT + gi * taps;
-        if (g.cg == 16) {
-          grad_kernel_pixel<S, S, 2>(tap, ow * xp, taps, g.cg, gl, o, 1);
-        } else if (g.cg == 8) {
-          grad_kernel_pixel<S, S, 1>(tap, ow * xp, taps, g.cg, gl, o, 1);
-        } else {
-          grad_kernel_pixel<S, S, 0>(tap, ow * xp, taps, g.cg, gl, o, 1);
-        }
-      }
-    }
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      grad_kernel_unit(cache, g, go, gs, row, gi, row_end, rows, gl, dk + gi * taps, 1, GT);
     pack_pixels(feat + b * fs[0] + od * fs[2] + oh * fs[3], fs[4], fs[1], g.OW, R, fbuf);
     T* df = (T*)f.grad_features + b * ds[0] + od * ds[2] + oh * ds[3];
     // Each product is vectorized along its longer side: grad_features along the R features
