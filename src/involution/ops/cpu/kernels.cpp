@@ -612,13 +612,15 @@ inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int6
                            int64_t xw, int64_t KW, int64_t cg, const K* k, int64_t ko,
                            int64_t kt, int64_t kp, T* out, int64_t op, int64_t oc) {
   int64_t c = 0;
-  if (xw == xp && xp == 16 && cg == 16) {  // the sliding blocks, where they apply
-    if (kt == 1 && forward_sliding_kw<S, T, K, P, true>(rows, nrows, xo, KW, k, ko, kt, kp, out,
-                                                         op, oc))
-      return;
-    if (kp == 1 && forward_sliding_kw<S, T, K, P, false>(rows, nrows, xo, KW, k, ko, kt, kp, out,
-                                                          op, oc))
-      return;
+  if constexpr (P > 1) {  // the sliding blocks, where they apply (one pixel gains nothing)
+    if (xw == xp && xp == 16 && cg == 16) {
+      if (kt == 1 && forward_sliding_kw<S, T, K, P, true>(rows, nrows, xo, KW, k, ko, kt, kp,
+                                                           out, op, oc))
+        return;
+      if (kp == 1 && forward_sliding_kw<S, T, K, P, false>(rows, nrows, xo, KW, k, ko, kt, kp,
+                                                            out, op, oc))
+        return;
+    }
   }
   for (; c + 16 <= cg; c += 16)
     forward_block<S, T, K, 8, 2, P>(rows, nrows, xo + c, xp, xw, KW, k, ko, kt, kp,
@@ -916,16 +918,18 @@ inline void grad_input_pixels(const S* const* grows, const S* kbuf, int64_t nrow
                               int64_t cg, int64_t KW, const Reach& re, T* out, int64_t op,
                               int64_t oc) {
   // Stride 1 and dilation 1 along the row: every tap reaches a column, one buffer column apart.
-  if (cg == 16 && re.n == KW && re.kstep == 1 - KW && re.gstep == -16 &&
-      (KW == 3 || KW == 5 || KW == 7)) {
-    if (KW == 7) {
-      grad_input_block_sliding<S, T, P, 7>(grows, kbuf, nrows, krow, re, out, op, oc);
-    } else if (KW == 5) {
-      grad_input_block_sliding<S, T, P, 5>(grows, kbuf, nrows, krow, re, out, op, oc);
-    } else {
-      grad_input_block_sliding<S, T, P, 3>(grows, kbuf, nrows, krow, re, out, op, oc);
+  if constexpr (P > 1) {  // one column gains nothing from sliding
+    if (cg == 16 && re.n == KW && re.kstep == 1 - KW && re.gstep == -16 &&
+        (KW == 3 || KW == 5 || KW == 7)) {
+      if (KW == 7) {
+        grad_input_block_sliding<S, T, P, 7>(grows, kbuf, nrows, krow, re, out, op, oc);
+      } else if (KW == 5) {
+        grad_input_block_sliding<S, T, P, 5>(grows, kbuf, nrows, krow, re, out, op, oc);
+      } else {
+        grad_input_block_sliding<S, T, P, 3>(grows, kbuf, nrows, krow, re, out, op, oc);
+      }
+      return;
     }
-    return;
   }
   int64_t c = 0;
   for (; c + 16 <= cg; c += 16)
