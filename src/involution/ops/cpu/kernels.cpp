@@ -528,33 +528,31 @@ inline void forward_block(const S* const* rows, int64_t nrows, int64_t xo, int64
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
-// The same block where the step between taps equals the step between pixels (stride and
-// dilation equal along the row: 1 and 1 above all), for a group of 16 channels, KW known, and a
-// kernel whose taps (PIXEL_MAJOR: kt = 1) or pixels (kp = 1) are contiguous. Pixel j's tap kw
-// then reads the input that pixel j + 1 reads at tap kw - 1: each input vector of a tap row is
-// loaded once and multiplied into every pixel that reads it, P + KW - 1 loads instead of P * KW.
-// Every pixel still adds its taps in the same order, so the results are those of
-// forward_block, bit for bit.
-template <class S, class T, class K, int P, int KW, bool PIXEL_MAJOR>
-inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t xo, const K* k,
-                                  int64_t ko, int64_t kt, int64_t kp, T* out, int64_t op,
-                                  int64_t oc) {
+// P pixels of one group of 16 channels where pixel j + 1 reads at tap t - 1 the vector that
+// pixel j reads at tap t (stride and dilation equal along the row: 1 and 1 above all), KW taps
+// per tap row: pixel j's sum over tap rows r and taps t of weight * rows[r][xo + (j + t) * STEP].
+// Each vector of a tap row is loaded once and multiplied into every pixel that reads it: P + KW
+// - 1 loads instead of P * KW. k: the first tap row's weights, krow apart; at(kr, j, t): pixel
+// j's weight of tap t in tap row kr. Every pixel adds its taps in the order of the generic
+// blocks (r, then t ascending), so the results are theirs, bit for bit.
+template <class S, class T, class K, int P, int KW, int STEP, class At>
+inline void sliding_block(const S* const* rows, int64_t nrows, int64_t xo, const K* k,
+                          int64_t krow, At at, T* out, int64_t op, int64_t oc) {
   typedef typename Acc<S>::V V;
   V acc[P][2];
   for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
-  const K* kr = k + ko;
-  for (int64_t r = 0; r < nrows; ++r, kr += KW * kt) {
+  for (int64_t r = 0; r < nrows; ++r, k += krow) {
     const S* xr = rows[r] + xo;
 #pragma GCC unroll 16
     for (int q = 0; q < P + KW - 1; ++q) {
-      V x0 = load8(xr + q * 16), x1 = load8(xr + q * 16 + 8);
+      V x0 = load8(xr + q * STEP), x1 = load8(xr + q * STEP + 8);
       in_register(x0);
       in_register(x1);
 #pragma GCC unroll 16
       for (int j = 0; j < P; ++j) {
-        const int kw = q - j;
-        if (kw < 0 || kw >= KW) continue;
-        const S w = widen(PIXEL_MAJOR ? kr[j * kp + kw] : kr[kw * kt + j]);
+        const int t = q - j;
+        if (t < 0 || t >= KW) continue;
+        const S w = widen(at(k, j, t));
         acc[j][0] += w * x0;
         acc[j][1] += w * x1;
       }
@@ -562,6 +560,18 @@ inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t x
   }
   for (int j = 0; j < P; ++j)
     for (int v = 0; v < 2; ++v) store8(out + j * op + v * 8 * oc, oc, acc[j][v]);
+}
+
+// The forward's sliding block, for a kernel whose taps (PIXEL_MAJOR: kt = 1) or pixels (kp = 1)
+// are contiguous, so that the weights lie at compile-time offsets.
+template <class S, class T, class K, int P, int KW, bool PIXEL_MAJOR>
+inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t xo, const K* k,
+                                  int64_t ko, int64_t kt, int64_t kp, T* out, int64_t op,
+                                  int64_t oc) {
+  auto at = [=](const K* kr, int j, int t) {
+    return PIXEL_MAJOR ? kr[j * kp + t] : kr[t * kt + j];
+  };
+  sliding_block<S, T, K, P, KW, 16>(rows, nrows, xo, k + ko, KW * kt, at, out, op, oc);
 }
 
 // forward_block_sliding for KW; false for another KW.
@@ -879,38 +889,17 @@ inline void grad_input_block(const S* const* grows, const S* kbuf, int64_t nrows
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
-// The same block for stride 1 and dilation 1 along the row and a group of 16 channels, KW known:
-// input column j is reached by tap n from buffer column j - n (relative to the first), so the
-// grad_out vectors of the P columns are P + KW - 1 columns of the buffer, each loaded once per
-// tap row and multiplied into every column that it reaches. Every column still adds its taps in
-// the same order (n ascending), so the results are those of grad_input_block, bit for bit.
+// The same block for stride 1 and dilation 1 along the row, 16 channels per group, KW known:
+// input column j is reached by tap n from buffer column j - n (relative to the first). Taken as
+// sliding_block's pixels in reverse (pixel P - 1 - j, buffer columns from the right), column j
+// adds its taps in grad_input_block's order (n ascending), so the results are its, bit for bit.
 template <class S, class T, int P, int KW>
 inline void grad_input_block_sliding(const S* const* grows, const S* kbuf, int64_t nrows,
                                      int64_t krow, const Reach& re, T* out, int64_t op,
                                      int64_t oc) {
-  typedef typename Acc<S>::V V;
-  V acc[P][2];
-  for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
-  for (int64_t r = 0; r < nrows; ++r) {
-    const S* kq = kbuf + r * krow + re.k0;
-    const S* gq = grows[r] + re.g0;
-#pragma GCC unroll 16
-    for (int u = P - 1; u > -KW; --u) {  // u = j - n
-      V g0 = load8(gq + u * 16), g1 = load8(gq + u * 16 + 8);
-      in_register(g0);
-      in_register(g1);
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) {
-        const int n = j - u;
-        if (n < 0 || n >= KW) continue;
-        const S w = kq[n * (1 - KW) + j * KW];
-        acc[j][0] += w * g0;
-        acc[j][1] += w * g1;
-      }
-    }
-  }
-  for (int j = 0; j < P; ++j)
-    for (int v = 0; v < 2; ++v) store8(out + j * op + v * 8 * oc, oc, acc[j][v]);
+  auto at = [](const S* kr, int j, int n) { return kr[n * (1 - KW) + (P - 1 - j) * KW]; };
+  sliding_block<S, T, S, P, KW, -16>(grows, nrows, re.g0 + (P - 1) * 16, kbuf + re.k0, krow, at,
+                                     out + (P - 1) * op, -op, oc);
 }
 
 template <class S, class T, int P>
