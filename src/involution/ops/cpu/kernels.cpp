@@ -889,8 +889,9 @@ inline void grad_input_block(const S* const* grows, const S* kbuf, int64_t nrows
     for (int v = 0; v < NV; ++v) L::store(out + j * op + v * LANES * oc, oc, acc[j][v]);
 }
 
-// The same block for stride 1 and dilation 1 along the row, 16 channels per group, KW known:
-// input column j is reached by tap n from buffer column j - n (relative to the first). Taken as
+// The same block for stride equal to dilation along the row (1 and 1 above all), 16 channels
+// per group, KW known: column j of the residue is reached by tap n from buffer column j - n
+// (relative to the first). Taken as
 // sliding_block's pixels in reverse (pixel P - 1 - j, buffer columns from the right), column j
 // adds its taps in grad_input_block's order (n ascending), so the results are its, bit for bit.
 template <class S, class T, int P, int KW>
@@ -906,7 +907,8 @@ template <class S, class T, int P>
 inline void grad_input_pixels(const S* const* grows, const S* kbuf, int64_t nrows, int64_t krow,
                               int64_t cg, int64_t KW, const Reach& re, T* out, int64_t op,
                               int64_t oc) {
-  // Stride 1 and dilation 1 along the row: every tap reaches a column, one buffer column apart.
+  // Stride equal to dilation along the row (1 and 1 above all): every tap reaches a column of
+  // the residue, the next tap from one buffer column to the left.
   if constexpr (P > 1) {  // one column gains nothing from sliding
     if (cg == 16 && re.n == KW && re.kstep == 1 - KW && re.gstep == -16 &&
         (KW == 3 || KW == 5 || KW == 7)) {
