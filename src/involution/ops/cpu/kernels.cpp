@@ -574,26 +574,16 @@ inline void forward_block_sliding(const S* const* rows, int64_t nrows, int64_t x
   sliding_block<S, T, K, P, KW, 16>(rows, nrows, xo, k + ko, KW * kt, at, out, op, oc);
 }
 
-// forward_block_sliding for KW; false for another KW.
-template <class S, class T, class K, int P, bool PIXEL_MAJOR>
-inline bool forward_sliding_kw(const S* const* rows, int64_t nrows, int64_t xo, int64_t KW,
-                               const K* k, int64_t ko, int64_t kt, int64_t kp, T* out,
-                               int64_t op, int64_t oc) {
+// Calls f(Int<KW>()) for KW = 3, 5 or 7, the row sizes the sliding blocks are built for; false
+// (and no call) for another KW.
+template <int N> struct Int { static constexpr int value = N; };
+template <class F>
+inline bool for_sliding_kw(int64_t KW, F f) {
   switch (KW) {
-    case 3:
-      forward_block_sliding<S, T, K, P, 3, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
-                                                        oc);
-      return true;
-    case 5:
-      forward_block_sliding<S, T, K, P, 5, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
-                                                        oc);
-      return true;
-    case 7:
-      forward_block_sliding<S, T, K, P, 7, PIXEL_MAJOR>(rows, nrows, xo, k, ko, kt, kp, out, op,
-                                                        oc);
-      return true;
-    default:
-      return false;
+    case 3: f(Int<3>()); return true;
+    case 5: f(Int<5>()); return true;
+    case 7: f(Int<7>()); return true;
+    default: return false;
   }
 }
 
@@ -624,11 +614,15 @@ inline void forward_pixels(const S* const* rows, int64_t nrows, int64_t xo, int6
   int64_t c = 0;
   if constexpr (P > 1) {  // the sliding blocks, where they apply (one pixel gains nothing)
     if (xw == xp && xp == 16 && cg == 16) {
-      if (kt == 1 && forward_sliding_kw<S, T, K, P, true>(rows, nrows, xo, KW, k, ko, kt, kp,
-                                                           out, op, oc))
+      if (kt == 1 && for_sliding_kw(KW, [&](auto kw) {
+            forward_block_sliding<S, T, K, P, decltype(kw)::value, true>(rows, nrows, xo, k, ko,
+                                                                         kt, kp, out, op, oc);
+          }))
         return;
-      if (kp == 1 && forward_sliding_kw<S, T, K, P, false>(rows, nrows, xo, KW, k, ko, kt, kp,
-                                                            out, op, oc))
+      if (kp == 1 && for_sliding_kw(KW, [&](auto kw) {
+            forward_block_sliding<S, T, K, P, decltype(kw)::value, false>(rows, nrows, xo, k, ko,
+                                                                          kt, kp, out, op, oc);
+          }))
         return;
     }
   }
@@ -911,16 +905,11 @@ inline void grad_input_pixels(const S* const* grows, const S* kbuf, int64_t nrow
   // the residue, the next tap from one buffer column to the left.
   if constexpr (P > 1) {  // one column gains nothing from sliding
     if (cg == 16 && re.n == KW && re.kstep == 1 - KW && re.gstep == -16 &&
-        (KW == 3 || KW == 5 || KW == 7)) {
-      if (KW == 7) {
-        grad_input_block_sliding<S, T, P, 7>(grows, kbuf, nrows, krow, re, out, op, oc);
-      } else if (KW == 5) {
-        grad_input_block_sliding<S, T, P, 5>(grows, kbuf, nrows, krow, re, out, op, oc);
-      } else {
-        grad_input_block_sliding<S, T, P, 3>(grows, kbuf, nrows, krow, re, out, op, oc);
-      }
+        for_sliding_kw(KW, [&](auto kw) {
+          grad_input_block_sliding<S, T, P, decltype(kw)::value>(grows, kbuf, nrows, krow, re,
+                                                                 out, op, oc);
+        }))
       return;
-    }
   }
   int64_t c = 0;
   for (; c + 16 <= cg; c += 16)
