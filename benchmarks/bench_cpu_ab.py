@@ -33,11 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import cpu_problem
 from involution import create_model, functional
 from involution.ops.cpu import build, launch, results
+from profile_rednet_cpu import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/involution/ops/cpu/kernels.cpp"
@@ -89,14 +89,15 @@ def _step(name: str) -> Callable[[], object]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(32, 1, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,))
+    return lambda: train_step(model, opt, x, y)
 
-    def step() -> object:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        return None
 
-    return step
+def _seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The time of one call of ``fn``, over ``repeats`` calls."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
 
 
 def _largest_difference(a: object, b: object) -> float:
@@ -139,18 +140,14 @@ def main() -> None:
                 build._loaded = libraries[side]  # the library every pass of launch.py calls
                 for name, fn in tasks.items():
                     outputs[side, name] = fn()
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        fn()
+                    seconds = _seconds(fn, repeats)
                     if round_:
-                        times[side, name].append((time.perf_counter() - start) / repeats)
+                        times[side, name].append(seconds)
             for name, fn in beside.items():
                 fn()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    fn()
+                seconds = _seconds(fn, repeats)
                 if round_:
-                    times["-", name].append((time.perf_counter() - start) / repeats)
+                    times["-", name].append(seconds)
 
     print(f"kernels.cpp: working tree (new) against {args.baseline}; {args.work}, ", end="")
     print(f"{args.shape if args.work != 'step' else 'demo settings'}, {args.threads} threads")

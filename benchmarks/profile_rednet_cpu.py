@@ -29,7 +29,10 @@ from involution.nn import _InvolutionNd
 from involution.training.memory import keep_freed_memory
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    """One SGD step of cross-entropy training (also timed by bench_cpu_ab.py)."""
     opt.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
@@ -41,13 +44,13 @@ def _paired_ms(
     """Step times in ms, the models' steps taken in turn: each round sees the same load."""
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     for model, opt in zip(models, opts, strict=True):
-        _step(model, opt, x, y)
+        train_step(model, opt, x, y)
     rounds = []
     for _ in range(steps):
         times = []
         for model, opt in zip(models, opts, strict=True):
             start = time.perf_counter()
-            _step(model, opt, x, y)
+            train_step(model, opt, x, y)
             times.append((time.perf_counter() - start) * 1e3)
         rounds.append(times)
     return rounds
@@ -66,10 +69,10 @@ def _shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, flo
         return None
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    _step(model, opt, x, y)
+    train_step(model, opt, x, y)
     with torch.profiler.profile(record_shapes=True) as prof:
         start = time.perf_counter()
-        _step(model, opt, x, y)
+        train_step(model, opt, x, y)
         total = (time.perf_counter() - start) * 1e6
     found = {"span conv": 0.0, "involution ops": 0.0}
     for event in prof.events():
