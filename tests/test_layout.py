@@ -125,6 +125,31 @@ def test_channels_last_rednet_keeps_its_format_in_every_involution_layer():
     assert len(layers) > 0 and seen == layers
 
 
+@pytest.mark.parametrize("hidden", [4, 32])  # under 16: the norm runs on an NCHW copy
+def test_kernel_features_channels_last_match_nchw_in_training(hidden):
+    """Values, every gradient and the norm's running statistics, as in NCHW."""
+    from involution import Involution2d
+
+    torch.manual_seed(0)
+    layers = [Involution2d(4 * hidden, 3, reduction_ratio=4) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(3, 4 * hidden, 6, 5)
+    grad = torch.randn(3, hidden, 6, 5)
+    results = []
+    for layer, fmt in zip(layers, (torch.contiguous_format, torch.channels_last), strict=True):
+        xi = x.clone(memory_format=fmt).requires_grad_()
+        features = layer.kernel_features(xi)
+        assert layout.memory_format(features) == fmt
+        features.backward(grad.contiguous(memory_format=fmt))
+        results.append(
+            [features, xi.grad, *(p.grad for p in layer.parameters() if p.grad is not None)]
+        )
+        results[-1] += [layer.norm.running_mean, layer.norm.running_var]
+    assert len(results[0]) == 7  # features; x, reduce, norm weight and bias; the statistics
+    for nchw, cl in zip(*results, strict=True):
+        assert_close_for(torch.float32, cl, nchw)
+
+
 def test_opcheck_channels_last():
     """The fake implementations give the strides the real ones do (checked by opcheck)."""
     from involution.ops import _library

@@ -101,6 +101,34 @@ def test_evaluate_has_no_top5_with_5_classes_or_fewer():
     assert evaluate(six, _batches(2, size=5, seed=1), CPU).top5 is not None
 
 
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [
+        ("sgd", lambda p: torch.optim.SGD(p, 0.1, 0.9, nesterov=True, weight_decay=1e-4)),
+        ("adamw", lambda p: torch.optim.AdamW(p, 0.1, weight_decay=1e-4)),
+    ],
+)
+def test_optimizer_steps_like_the_plain_one(name, plain):
+    """The fused optimizer build_optimizer picks on the CPU updates as torch's for-loop one does."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)) for _ in "ab"]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(models[0], name, 0.1, 1e-4), plain(models[1].parameters())]
+    start = [p.detach().clone() for p in models[0].parameters()]
+    assert opts[0].defaults["fused"] and not opts[1].defaults.get("fused")
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, opt in zip(models, opts, strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for fused, loop, before in zip(
+        models[0].parameters(), models[1].parameters(), start, strict=True
+    ):
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(fused, before)
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 100, 10, 0.25) == pytest.approx(0.25)
     assert warmup_cosine(10, 100, 10, 0.25) == pytest.approx(1.0)
