@@ -37,7 +37,7 @@ import torch
 import cpu_problem
 from involution import create_model, functional
 from involution.ops.cpu import build, launch, results
-from profile_rednet_cpu import train_step
+from profile_rednet_cpu import demo_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/involution/ops/cpu/kernels.cpp"
@@ -86,7 +86,7 @@ def _step(name: str) -> Callable[[], object]:
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, in_chans=1, base_width=16)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = demo_optimizer(model)
     x = torch.randn(32, 1, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,))
     return lambda: train_step(model, opt, x, y)

@@ -26,7 +26,14 @@ from torch import nn
 
 from involution import create_model
 from involution.nn import _InvolutionNd
+from involution.training import TrainConfig
 from involution.training.memory import keep_freed_memory
+from involution.training.optim import build_optimizer
+
+
+def demo_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``involution demo`` trains with (its lr; the default weight decay)."""
+    return build_optimizer(model, "sgd", 0.1, TrainConfig.weight_decay)
 
 
 def train_step(
@@ -42,7 +49,7 @@ def _paired_ms(
     models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int
 ) -> list[list[float]]:
     """Step times in ms, the models' steps taken in turn: each round sees the same load."""
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    opts = [demo_optimizer(m) for m in models]
     for model, opt in zip(models, opts, strict=True):
         train_step(model, opt, x, y)
     rounds = []
@@ -68,7 +75,7 @@ def _shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, flo
                     return "span conv"
         return None
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = demo_optimizer(model)
     train_step(model, opt, x, y)
     with torch.profiler.profile(record_shapes=True) as prof:
         start = time.perf_counter()

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from involution import create_model, functional
+from involution import Involution2d, create_model, functional
 from involution.nn import _InvolutionNd
 from involution.ops import layout
 from involution.ops.dispatch import BACKENDS
@@ -128,8 +128,6 @@ def test_channels_last_rednet_keeps_its_format_in_every_involution_layer():
 @pytest.mark.parametrize("hidden", [4, 32])  # under 16: the norm runs on an NCHW copy
 def test_kernel_features_channels_last_match_nchw_in_training(hidden):
     """Values, every gradient and the norm's running statistics, as in NCHW."""
-    from involution import Involution2d
-
     torch.manual_seed(0)
     layers = [Involution2d(4 * hidden, 3, reduction_ratio=4) for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())

@@ -268,7 +268,7 @@ def _normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     against 0.23 ms; BENCHMARKS.md), far more than the two copies cost.
     """
     if (
-        isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        isinstance(norm, tuple(_NORM.values()))
         and x.device.type == "cpu"
         and x.shape[1] < 16
         and layout.channels_last(x)
