@@ -163,6 +163,27 @@ __attribute__((always_inline)) inline V sum_lanes8(const V* p) {
          __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// Transposes the 8x8 block p in place: p[j][i] = p[i][j] before. Three rounds of shuffles:
+// pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+template <class V>
+__attribute__((always_inline)) inline void transpose8(V* p) {
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(p[i], p[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(p[i], p[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] =
+          __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    p[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    p[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // The sum of the lanes of one vector.
 template <class V>
 __attribute__((always_inline)) inline auto sum_lanes(V v) {
@@ -363,10 +384,16 @@ class RowCache {
 // bias), C[p, c] = out[p * op + c * oc]. init may be out itself (accumulation in place: every
 // block reads its own values before writing them). Vectorized along c, P rows at a time.
 
+// Rows p ... p + P - 1 of C, columns c ... c + LANES * NV - 1.
 template <class S, class T, int LANES, int NV, int P>
-inline void product_block(const S* a, int64_t ap, int64_t ak, const S* b, int64_t N, int64_t K,
-                          const S* init, int64_t ip, T* out, int64_t op, int64_t oc) {
+inline void product_block(int64_t p, int64_t c, const S* a, int64_t ap, int64_t ak, const S* b,
+                          int64_t N, int64_t K, const S* init, int64_t ip, T* out, int64_t op,
+                          int64_t oc) {
   typedef Lanes<S, LANES> L;
+  a += p * ap;
+  b += c;
+  out += p * op + c * oc;
+  if (init) init += p * ip + c;
   typename L::V acc[P][NV];
   for (int j = 0; j < P; ++j)
     for (int v = 0; v < NV; ++v)
@@ -393,13 +420,19 @@ inline void product_columns(int64_t n, const S* a, int64_t ap, int64_t ak, const
   constexpr int P = sizeof(S) == 8 ? 2 : 6;
   int64_t p = 0;
   for (; p + P <= n; p += P)
-    product_block<S, T, LANES, NV, P>(a + p * ap, ap, ak, b + c, N, K,
-                                      init ? init + p * ip + c : nullptr, ip,
-                                      out + p * op + c * oc, op, oc);
+    product_block<S, T, LANES, NV, P>(p, c, a, ap, ak, b, N, K, init, ip, out, op, oc);
+  // The last rows 4 and 2 at a time where they can be: a row alone has only NV chains of
+  // multiply-adds, too few to hide their latency (the span's gradients at R = 4: 4 rows).
+  if (P > 4 && p + 4 <= n) {
+    product_block<S, T, LANES, NV, 4>(p, c, a, ap, ak, b, N, K, init, ip, out, op, oc);
+    p += 4;
+  }
+  if (P > 2 && p + 2 <= n) {
+    product_block<S, T, LANES, NV, 2>(p, c, a, ap, ak, b, N, K, init, ip, out, op, oc);
+    p += 2;
+  }
   for (; p < n; ++p)
-    product_block<S, T, LANES, NV, 1>(a + p * ap, ap, ak, b + c, N, K,
-                                      init ? init + p * ip + c : nullptr, ip,
-                                      out + p * op + c * oc, op, oc);
+    product_block<S, T, LANES, NV, 1>(p, c, a, ap, ak, b, N, K, init, ip, out, op, oc);
 }
 
 template <class S, class T>
@@ -1058,6 +1091,27 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
   return 0;
 }
 
+// dst[c * rows + r] = src[r * cols + c]: 8x8 tiles through registers, the edges one by one (a
+// scalar copy of the whole took a fifth of the fused backward at the demo's 4-feature layers).
+template <class S>
+void transpose(const S* src, int64_t rows, int64_t cols, S* dst) {
+  typedef typename Acc<S>::V V;
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      V tile[8];
+      for (int i = 0; i < 8; ++i) tile[i] = load8(src + (r + i) * cols + c);
+      transpose8(tile);
+      for (int i = 0; i < 8; ++i) store8(dst + (c + i) * rows + r, tile[i]);
+    }
+    for (; c < cols; ++c)
+      for (int i = 0; i < 8; ++i) dst[c * rows + r + i] = src[(r + i) * cols + c];
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fused op's backward through the generator, one output row (b, d, h) at a time:
 //   dk[ow, j]           = sum_{c in g} grad_out[b, c, o] * input[b, c, o * s - p + tap_t * d]
@@ -1100,8 +1154,7 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
     if (R >= 8) {
       product(g.OW, dk, GT, 1, w, R, GT, (const S*)nullptr, 0, df, ds[4], ds[1]);
     } else {
-      for (int64_t ow = 0; ow < g.OW; ++ow)
-        for (int64_t j = 0; j < GT; ++j) dkt[j * g.OW + ow] = dk[ow * GT + j];
+      transpose(dk, g.OW, GT, dkt);
       product(R, w, 1, R, dkt, g.OW, GT, (const S*)nullptr, 0, df, ds[1], ds[4]);
     }
     // grad_weight transposed, (R, G * T), along the G * T kernel values.
