@@ -282,6 +282,31 @@ inline void copy_vectors(const T* src, int64_t n, S* dst) {
   for (int64_t c = 0; c < n; c += 8) store8(dst + c, load8(src + c));
 }
 
+// One 8x8 block through registers: dst[j * dj + i] = src[i * si + j], i, j < 8, as D.
+template <class D, class T>
+__attribute__((always_inline)) inline void copy_transposed(const T* src, int64_t si, D* dst,
+                                                           int64_t dj) {
+  decltype(load8(src)) tile[8];
+  for (int i = 0; i < 8; ++i) tile[i] = load8(src + i * si);
+  transpose8(tile);
+  for (int j = 0; j < 8; ++j) store8(dst + j * dj, tile[j]);
+}
+
+// Copies n pixels of cg channels, src[i * sp + c * sc], to dst[c * ds + i]: channel-major, as
+// D. Where the channels are contiguous (sc = 1), blocks of 8 pixels and 8 channels go through
+// registers; the rest value by value.
+template <class D, class T>
+inline void pack_channels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t cg, D* dst,
+                          int64_t ds) {
+  const int64_t n8 = sc == 1 ? n / 8 * 8 : 0, c8 = cg / 8 * 8;
+  for (int64_t i = 0; i < n8; i += 8)
+    for (int64_t c = 0; c < c8; c += 8) copy_transposed(src + i * sp + c, sp, dst + c * ds + i, ds);
+  for (int64_t c = c8; c < cg; ++c)
+    for (int64_t i = 0; i < n8; ++i) narrow(widen(src[i * sp + c * sc]), dst + c * ds + i);
+  for (int64_t c = 0; c < cg; ++c)
+    for (int64_t i = n8; i < n; ++i) narrow(widen(src[i * sp + c * sc]), dst + c * ds + i);
+}
+
 // Copies n pixels of cg channels, src[i * sp + c * sc], to dst[i * cg + c] as S.
 template <class S, class T>
 inline void pack_pixels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t cg, S* dst) {
@@ -298,41 +323,16 @@ inline void pack_pixels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t
     for (int64_t i = 0; i < n; ++i)
       for (int64_t c = 0; c < cg; ++c) dst[i * cg + c] = widen(src[i * sp + c]);
   } else {  // channels apart (NCHW): read along the row, write across
-    // Blocks of 8 channels and 8 adjacent pixels through registers (transpose8), the rest value
-    // by value.
+    // Blocks of 8 adjacent pixels and 8 channels through registers, the rest value by value.
     const int64_t n8 = sp == 1 ? n / 8 * 8 : 0, c8 = cg / 8 * 8;
     for (int64_t i = 0; i < n8; i += 8)
-      for (int64_t c = 0; c < c8; c += 8) {
-        decltype(load8(src)) tile[8];
-        for (int j = 0; j < 8; ++j) tile[j] = load8(src + (c + j) * sc + i);
-        transpose8(tile);
-        for (int j = 0; j < 8; ++j) store8(dst + (i + j) * cg + c, tile[j]);
-      }
+      for (int64_t c = 0; c < c8; c += 8)
+        copy_transposed(src + c * sc + i, sc, dst + i * cg + c, cg);
     for (int64_t c = c8; c < cg; ++c)
       for (int64_t i = 0; i < n8; ++i) dst[i * cg + c] = widen(src[i * sp + c * sc]);
     for (int64_t c = 0; c < cg; ++c)
       for (int64_t i = n8; i < n; ++i) dst[i * cg + c] = widen(src[i * sp + c * sc]);
   }
-}
-
-// Copies n pixels of cg channels, src[i * sp + c * sc], to dst[c * ds + i]: channel-major, as
-// D. Where the channels are contiguous (sc = 1), blocks of 8 pixels and 8 channels go through
-// registers (transpose8); the rest value by value.
-template <class D, class T>
-inline void pack_channels(const T* src, int64_t sp, int64_t sc, int64_t n, int64_t cg, D* dst,
-                          int64_t ds) {
-  const int64_t n8 = sc == 1 ? n / 8 * 8 : 0, c8 = cg / 8 * 8;
-  for (int64_t i = 0; i < n8; i += 8)
-    for (int64_t c = 0; c < c8; c += 8) {
-      decltype(load8(src)) tile[8];
-      for (int j = 0; j < 8; ++j) tile[j] = load8(src + (i + j) * sp + c);
-      transpose8(tile);
-      for (int j = 0; j < 8; ++j) store8(dst + (c + j) * ds + i, tile[j]);
-    }
-  for (int64_t c = c8; c < cg; ++c)
-    for (int64_t i = 0; i < n8; ++i) narrow(widen(src[i * sp + c * sc]), dst + c * ds + i);
-  for (int64_t c = 0; c < cg; ++c)
-    for (int64_t i = n8; i < n; ++i) narrow(widen(src[i * sp + c * sc]), dst + c * ds + i);
 }
 
 // Rows of one (B, C, D, H, W) operand in the blocked layout, each copied once. Per group, a ring
