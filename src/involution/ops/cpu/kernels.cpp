@@ -769,8 +769,13 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
   const int64_t nrows = g.KD * g.KH;
   const S** rows = (const S**)malloc(sizeof(S*) * nrows);
-  if (!cache.ok() || !kernel.ok() || !rows) {
+  // A result whose pixels are adjacent and channels apart (NCHW) is computed into a row of
+  // pixels (channels innermost), then copied across 8 channels by 8 pixels: written in place,
+  // each vector of channels went out as 8 single values.
+  T* row_buf = os[4] == 1 && os[1] != 1 ? (T*)malloc(sizeof(T) * g.OW * g.cg) : nullptr;
+  if (!cache.ok() || !kernel.ok() || !rows || (os[4] == 1 && os[1] != 1 && !row_buf)) {
     free(rows);
+    free(row_buf);
     return -1;
   }
   const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg, taps = nrows * g.KW;
@@ -801,6 +806,9 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
       if (ahead) next_k = kernel_of(next_row, next_gi);
     }
     T* next_o = ahead ? out_of(next_row, next_gi) : nullptr;
+    // Where the pixels are computed: the result, or the row buffer (op, oc its strides).
+    T* dst = row_buf ? row_buf : o;
+    const int64_t op = row_buf ? g.cg : os[4], oc = row_buf ? 1 : os[1];
     int64_t ow = 0;
     for (; ow + P <= g.OW; ow += P) {
       if (next_k && ow % k_run == 0)
@@ -808,13 +816,15 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
       if (next_o && ow % o_run == 0)
         prefetch<true>(next_o + ow * os[4], min(o_run, g.OW - ow), os[4], g.cg, os[1]);
       forward_pixels<S, T, K, P>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
-                                 o + ow * os[4], os[4], os[1]);
+                                 dst + ow * op, op, oc);
     }
     for (; ow < g.OW; ++ow)
       forward_pixels<S, T, K, 1>(rows, nrows, ow * xp, xp, xw, g.KW, g.cg, k, ow * kp, kt, kp,
-                                 o + ow * os[4], os[4], os[1]);
+                                 dst + ow * op, op, oc);
+    if (row_buf) pack_channels(row_buf, g.cg, 1, g.OW, g.cg, o, os[1]);
   });
   free(rows);
+  free(row_buf);
   return 0;
 }
 
@@ -1133,11 +1143,15 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
   const S** grows = (const S**)malloc(sizeof(S*) * max_rows);
   int64_t* table = (int64_t*)malloc(sizeof(int64_t) * 2 * (g.KD + g.KH));
   Reach* reach = (Reach*)malloc(sizeof(Reach) * g.SW);
-  if (!cache.ok() || !kernel.ok() || !kbuf || !grows || !table || !reach) {
+  // An NCHW result goes through a row of pixels, as in forward.
+  const bool by_row = os[4] == 1 && os[1] != 1;
+  T* row_buf = by_row ? (T*)malloc(sizeof(T) * g.IW * g.cg) : nullptr;
+  if (!cache.ok() || !kernel.ok() || !kbuf || !grows || !table || !reach || (by_row && !row_buf)) {
     free(kbuf);
     free(grows);
     free(table);
     free(reach);
+    free(row_buf);
     return -1;
   }
   int64_t *d_tap = table, *d_out = d_tap + g.KD, *h_tap = d_out + g.KD, *h_out = h_tap + g.KH;
@@ -1192,24 +1206,28 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
         }
         T* o_g = o_row + gi * g.cg * os[1];
         if (hint && gi + 1 < g.G) prefetch<true>(o_g + g.cg * os[1], g.IW, os[4], g.cg, os[1]);
-        const int64_t op = g.SW * os[4];
+        // Where the pixels are computed (pixel stride px, channel stride oc).
+        T* dst = by_row ? row_buf : o_g;
+        const int64_t px = by_row ? g.cg : os[4], oc = by_row ? 1 : os[1], op = g.SW * px;
         for (int64_t rho = 0; rho < g.SW && rho < g.IW; ++rho) {
           const int64_t count = (g.IW - rho + g.SW - 1) / g.SW;  // columns of this residue
-          T* o = o_g + rho * os[4];
+          T* o = dst + rho * px;
           Reach re = reach[rho];
           // Column q + P of a residue reads P buffer columns further than column q.
           int64_t q = 0;
           for (; q + P <= count; q += P, re.k0 += P * g.KW, re.g0 += P * g.cg, o += P * op)
             grad_input_pixels<S, T, P>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
-                                       os[1]);
+                                       oc);
           for (; q < count; ++q, re.k0 += g.KW, re.g0 += g.cg, o += op)
             grad_input_pixels<S, T, 1>(grows, kbuf, nrows, width * g.KW, g.cg, g.KW, re, o, op,
-                                       os[1]);
+                                       oc);
         }
+        if (by_row) pack_channels(row_buf, g.cg, 1, g.IW, g.cg, o_g, os[1]);
       }
     }
     row0 = row1;
   }
+  free(row_buf);
   free(reach);
   free(kbuf);
   free(grows);
