@@ -1256,9 +1256,18 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
   const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
   S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
-  if (!cache.ok() || !rows || !buf) {
+  // grad_out with its channels apart (NCHW) is copied a row at a time, all groups, pixel-major
+  // (through 8x8 blocks), and the units read that row as a channels-last one (row_strides):
+  // read in place, a pixel's channels lie a plane apart (0.8x the time of the fused backward
+  // at 32x16x32x32 with 4 features).
+  const int64_t C = g.G * g.cg;
+  const bool copy_rows = gs[1] != 1;
+  const int64_t row_strides[6] = {0, 1, 0, 0, C, 0};
+  T* g_rows = copy_rows ? (T*)malloc(sizeof(T) * g.OW * C) : nullptr;
+  if (!cache.ok() || !rows || !buf || (copy_rows && !g_rows)) {
     free(rows);
     free(buf);
+    free(g_rows);
     return -1;
   }
   S *gl = buf, *w = gl + g.cg, *dk = w + GT * R, *fbuf = dk + g.OW * GT, *dkt = fbuf + g.OW * R;
@@ -1268,8 +1277,15 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
       w[j * R + r] = widen(wsrc[j * f.weight_stride[0] + r * f.weight_stride[1]]);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
-    for (int64_t gi = 0; gi < g.G; ++gi)
-      grad_kernel_unit(cache, g, go, gs, row, gi, row_end, rows, gl, dk + gi * taps, 1, GT);
+    if (copy_rows) {
+      pack_channels(go + b * gs[0] + od * gs[2] + oh * gs[3], gs[1], gs[4], C, g.OW, g_rows, C);
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        grad_kernel_unit(cache, g, (const T*)g_rows, row_strides, row, gi, row_end, rows, gl,
+                         dk + gi * taps, 1, GT);
+    } else {
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        grad_kernel_unit(cache, g, go, gs, row, gi, row_end, rows, gl, dk + gi * taps, 1, GT);
+    }
     pack_pixels(feat + b * fs[0] + od * fs[2] + oh * fs[3], fs[4], fs[1], g.OW, R, fbuf);
     T* df = (T*)f.grad_features + b * ds[0] + od * ds[2] + oh * ds[3];
     // Each product is vectorized along its longer side: grad_features along the R features
@@ -1287,6 +1303,7 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
     for (int64_t ow = 0; ow < g.OW; ++ow)
       for (int64_t j = 0; j < GT; ++j) db[j] += dk[ow * GT + j];
   }
+  free(g_rows);
   free(rows);
   free(buf);
   return 0;
