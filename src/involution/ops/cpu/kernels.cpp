@@ -226,6 +226,10 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Whether a (B, C, D, H, W) tensor with strides st has its channels apart and its pixels
+// adjacent along a row (NCHW).
+inline bool channels_apart(const int64_t* st) { return st[4] == 1 && st[1] != 1; }
+
 }  // namespace
 
 extern "C" {
@@ -772,8 +776,9 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
   // A result whose pixels are adjacent and channels apart (NCHW) is computed into a row of
   // pixels (channels innermost), then copied across 8 channels by 8 pixels: written in place,
   // each vector of channels went out as 8 single values.
-  T* row_buf = os[4] == 1 && os[1] != 1 ? (T*)malloc(sizeof(T) * g.OW * g.cg) : nullptr;
-  if (!cache.ok() || !kernel.ok() || !rows || (os[4] == 1 && os[1] != 1 && !row_buf)) {
+  const bool by_row = channels_apart(os);
+  T* row_buf = by_row ? (T*)malloc(sizeof(T) * g.OW * g.cg) : nullptr;
+  if (!cache.ok() || !kernel.ok() || !rows || (by_row && !row_buf)) {
     free(rows);
     free(row_buf);
     return -1;
@@ -891,9 +896,9 @@ inline int64_t unit_rows(const Geometry& g) {
   return g.KD * g.KH + (g.KD * g.KH * g.KW + 7) / 8 * 8;
 }
 
-// Room for grad_kernel_unit's values: one pixel's grad_out, then, by columns, the unit's
-// grad_out channel-major (zero past OW: allocate it zeroed).
-inline int64_t unit_values(const Geometry& g) { return g.cg + g.cg * vector_columns(g); }
+// Room for grad_kernel_unit's values: one pixel's grad_out, or by columns the unit's grad_out
+// channel-major (zero past OW: allocate it zeroed).
+inline int64_t unit_values(const Geometry& g) { return g.cg * vector_columns(g); }
 
 // The kernel gradient of one unit at stride and dilation 1, by columns: 8 output pixels per
 // vector, dk[t * dt + ow]. xr[r]: the cached input rows, channel-major (cg rows of xw columns);
@@ -937,8 +942,8 @@ inline void hint_next_unit(const U* go, const int64_t* gs, const Geometry& g, in
 // The kernel gradient of unit (row, gi), row = (b, od, oh) < row_end, every output pixel: from
 // the group's cached input rows and grad_out go (strides gs), to out[ow * op + t * ot], pixel
 // by pixel (grad_kernel_pixel). rows: unit_rows(g) pointers; gl: room for one pixel's grad_out.
-template <class S, class T, class U>
-void grad_kernel_unit(RowCache<S, U>& cache, const Geometry& g, const U* go, const int64_t* gs,
+template <class S, class T, class U, class G>
+void grad_kernel_unit(RowCache<S, U>& cache, const Geometry& g, const G* go, const int64_t* gs,
                       int64_t row, int64_t gi, int64_t row_end, const S** rows, S* gl, T* out,
                       int64_t ot, int64_t op) {
   hint_next_unit(go, gs, g, row, gi, row_end);
@@ -947,7 +952,7 @@ void grad_kernel_unit(RowCache<S, U>& cache, const Geometry& g, const U* go, con
   const S** tap = rows + nrows;
   for (int64_t t = 0; t < taps; ++t) tap[t] = rows[t / g.KW] + (t % g.KW) * g.DW * g.cg;
   for (int64_t t = taps; t < (taps + 7) / 8 * 8; ++t) tap[t] = cache.zeros();
-  const U* g_row = grad_out_row(go, gs, g, row, gi);
+  const G* g_row = grad_out_row(go, gs, g, row, gi);
   for (int64_t ow = 0; ow < g.OW; ++ow) {
     pack_pixels(g_row + ow * gs[4], 0, gs[1], 1, g.cg, gl);
     T* o = out + ow * op;
@@ -962,8 +967,8 @@ void grad_kernel_unit(RowCache<S, U>& cache, const Geometry& g, const U* go, con
 }
 
 // The same from a channel-major cache (by_columns: op = 1), by columns (grad_kernel_columns).
-// buf: unit_values(g) values, zeroed before the first unit; grad_out goes channel-major after
-// the first cg of them, vector_columns(g) columns per channel (zero past OW).
+// buf: unit_values(g) values, zeroed before the first unit, for the unit's grad_out,
+// channel-major, vector_columns(g) columns per channel (zero past OW).
 template <class S, class T, class U>
 void grad_kernel_unit(RowCache<S, U, true>& cache, const Geometry& g, const U* go,
                       const int64_t* gs, int64_t row, int64_t gi, int64_t row_end, const S** rows,
@@ -971,10 +976,9 @@ void grad_kernel_unit(RowCache<S, U, true>& cache, const Geometry& g, const U* g
   hint_next_unit(go, gs, g, row, gi, row_end);
   input_rows(cache, g, gi, row / g.OH / g.OD, row / g.OH % g.OD, row % g.OH, rows);
   const int64_t gw = vector_columns(g);
-  S* gc = buf + g.cg;
-  pack_channels(grad_out_row(go, gs, g, row, gi), gs[4], gs[1], g.OW, g.cg, gc, gw);
+  pack_channels(grad_out_row(go, gs, g, row, gi), gs[4], gs[1], g.OW, g.cg, buf, gw);
   for_sliding_kw(g.KW, [&](auto kw) {
-    grad_kernel_columns<S, T, decltype(kw)::value>(rows, g.KD * g.KH, cache.width(), gc, gw,
+    grad_kernel_columns<S, T, decltype(kw)::value>(rows, g.KD * g.KH, cache.width(), buf, gw,
                                                    g.OW, g.cg, out, ot);
   });
 }
@@ -1144,7 +1148,7 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
   int64_t* table = (int64_t*)malloc(sizeof(int64_t) * 2 * (g.KD + g.KH));
   Reach* reach = (Reach*)malloc(sizeof(Reach) * g.SW);
   // An NCHW result goes through a row of pixels, as in forward.
-  const bool by_row = os[4] == 1 && os[1] != 1;
+  const bool by_row = channels_apart(os);
   T* row_buf = by_row ? (T*)malloc(sizeof(T) * g.IW * g.cg) : nullptr;
   if (!cache.ok() || !kernel.ok() || !kbuf || !grows || !table || !reach || (by_row && !row_buf)) {
     free(kbuf);
@@ -1257,13 +1261,13 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
   S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
   // grad_out with its channels apart (NCHW) is copied a row at a time, all groups, pixel-major
-  // (through 8x8 blocks), and the units read that row as a channels-last one (row_strides):
-  // read in place, a pixel's channels lie a plane apart (0.8x the time of the fused backward
-  // at 32x16x32x32 with 4 features).
+  // (pack_pixels, through 8x8 blocks), and the units read that row as a channels-last one
+  // (row_strides): read in place, a pixel's channels lie a plane apart (0.8x the time of the
+  // fused backward at 32x16x32x32 with 4 features).
   const int64_t C = g.G * g.cg;
-  const bool copy_rows = gs[1] != 1;
+  const bool copy_rows = channels_apart(gs);
   const int64_t row_strides[6] = {0, 1, 0, 0, C, 0};
-  T* g_rows = copy_rows ? (T*)malloc(sizeof(T) * g.OW * C) : nullptr;
+  S* g_rows = copy_rows ? (S*)malloc(sizeof(S) * g.OW * C) : nullptr;
   if (!cache.ok() || !rows || !buf || (copy_rows && !g_rows)) {
     free(rows);
     free(buf);
@@ -1278,9 +1282,9 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
     if (copy_rows) {
-      pack_channels(go + b * gs[0] + od * gs[2] + oh * gs[3], gs[1], gs[4], C, g.OW, g_rows, C);
+      pack_pixels(go + b * gs[0] + od * gs[2] + oh * gs[3], gs[4], gs[1], g.OW, C, g_rows);
       for (int64_t gi = 0; gi < g.G; ++gi)
-        grad_kernel_unit(cache, g, (const T*)g_rows, row_strides, row, gi, row_end, rows, gl,
+        grad_kernel_unit(cache, g, (const S*)g_rows, row_strides, row, gi, row_end, rows, gl,
                          dk + gi * taps, 1, GT);
     } else {
       for (int64_t gi = 0; gi < g.G; ++gi)
