@@ -1,9 +1,11 @@
 """The cpu backend's kernels from two sources, alternating in one process: is a change faster?
 
 Builds ``src/involution/ops/cpu/kernels.cpp`` as it is in the working tree and as it was at a
-git revision (``--baseline``, default ``HEAD``), loads both, and times the same work with each in
-turn, round after round, so that a machine whose speed drifts slows both alike. Prints each
-side's median and the ratio new / baseline. One of three kinds of work:
+git revision (``--baseline``, default ``HEAD``; or a source file, for a copy of the project
+without its history), loads both, and times the same work with each in turn, round after round,
+so that a machine whose speed drifts slows both alike. ``--flags`` adds compiler flags to the new
+side's build (the same source against itself then compares a flag). Prints each side's median
+and the ratio new / baseline. One of three kinds of work:
 
 * ``passes`` (default): forward, grad_input and grad_kernel at one shape (``cpu_problem.py``),
   one after the other as in a training step, then forward and backward through autograd;
@@ -17,8 +19,8 @@ side's median and the ratio new / baseline. One of three kinds of work:
 Freed result memory is kept (``results.keep``) throughout, as in training.
 
 Usage:
-    PYTHONPATH=src python benchmarks/bench_cpu_ab.py [--baseline REV] [--work passes]
-        [--shape 8x256x56x56] [--nchw] [--threads 2] [--rounds 15]
+    PYTHONPATH=src python benchmarks/bench_cpu_ab.py [--baseline REV|FILE] [--flags=-FLAG ...]
+        [--work passes] [--shape 8x256x56x56] [--nchw] [--threads 2] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -43,11 +45,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/involution/ops/cpu/kernels.cpp"
 
 
-def _library(source: bytes, folder: Path) -> ctypes.CDLL:
-    """The kernels built from ``source`` (through the build's cache, like a first use)."""
+def _library(source: bytes, folder: Path, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernels built from ``source`` with ``flags`` added (through the build's cache, like a
+    first use)."""
     path = folder / f"kernels-{len(list(folder.iterdir()))}.cpp"
     path.write_bytes(source)
-    return build._built(build._compiler(), (*build.FLAGS, *build.OPENMP), path)
+    return build._built(build._compiler(), (*build.FLAGS, *flags, *build.OPENMP), path)
+
+
+def _baseline_source(baseline: str) -> bytes:
+    """kernels.cpp at git revision ``baseline``, or the file ``baseline`` names."""
+    if Path(baseline).is_file():
+        return Path(baseline).read_bytes()
+    shown = subprocess.run(
+        ["git", "show", f"{baseline}:{SOURCE}"], cwd=ROOT, capture_output=True, text=False
+    )
+    if shown.returncode:
+        raise SystemExit(
+            f"--baseline {baseline!r}: neither a file nor a git revision with {SOURCE} "
+            f"({shown.stderr.decode(errors='replace').strip()})"
+        )
+    return shown.stdout
 
 
 def _passes(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
@@ -108,7 +126,14 @@ def _largest_difference(a: object, b: object) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cpu_problem.add_arguments(parser)
-    parser.add_argument("--baseline", default="HEAD", help="git revision (default: HEAD)")
+    parser.add_argument(
+        "--baseline", default="HEAD", help="git revision or kernels.cpp file (default: HEAD)"
+    )
+    parser.add_argument(
+        "--flags",
+        default="",
+        help="compiler flags added to the new side's build, e.g. --flags=-mprefer-vector-width=512",
+    )
     parser.add_argument("--work", choices=["passes", "fused", "step"], default="passes")
     parser.add_argument("--hidden", type=int, default=16, help="fused: span features")
     parser.add_argument("--rounds", type=int, default=15, help="alternations (default: 15)")
@@ -117,13 +142,11 @@ def main() -> None:
         args.shape = "32x64x16x16"
     torch.set_num_threads(args.threads)
 
-    baseline = subprocess.run(
-        ["git", "show", f"{args.baseline}:{SOURCE}"], cwd=ROOT, capture_output=True, check=True
-    ).stdout
+    baseline = _baseline_source(args.baseline)
     with tempfile.TemporaryDirectory() as folder:
         libraries = {
             args.baseline: _library(baseline, Path(folder)),
-            "new": _library((ROOT / SOURCE).read_bytes(), Path(folder)),
+            "new": _library((ROOT / SOURCE).read_bytes(), Path(folder), tuple(args.flags.split())),
         }
     sides = list(libraries)
     work = {"passes": _passes, "fused": _fused}.get(args.work)
@@ -149,7 +172,8 @@ def main() -> None:
                 if round_:
                     times["-", name].append(seconds)
 
-    print(f"kernels.cpp: working tree (new) against {args.baseline}; {args.work}, ", end="")
+    flags = f" built with {args.flags}" if args.flags else ""
+    print(f"kernels.cpp: working tree{flags} (new) against {args.baseline}; {args.work}, ", end="")
     print(f"{args.shape if args.work != 'step' else 'demo settings'}, {args.threads} threads")
     print(f"median ms of {args.rounds} alternating rounds")
     print(f"{'work':22s}{args.baseline[:12]:>13s}{'new':>10s}{'new / base':>12s}  difference")
