@@ -57,9 +57,7 @@ def _baseline_source(baseline: str) -> bytes:
     """kernels.cpp at git revision ``baseline``, or the file ``baseline`` names."""
     if Path(baseline).is_file():
         return Path(baseline).read_bytes()
-    shown = subprocess.run(
-        ["git", "show", f"{baseline}:{SOURCE}"], cwd=ROOT, capture_output=True, text=False
-    )
+    shown = subprocess.run(["git", "show", f"{baseline}:{SOURCE}"], cwd=ROOT, capture_output=True)
     if shown.returncode:
         raise SystemExit(
             f"--baseline {baseline!r}: neither a file nor a git revision with {SOURCE} "

@@ -50,6 +50,7 @@ OFFICIAL_KEY_PREFIXES = {"conv1.conv.": "reduce.", "conv1.bn.": "norm.", "conv2.
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_BATCH_NORMS = tuple(_NORM.values())
 _AVG_POOL: dict[int, Callable[..., torch.Tensor]] = {
     1: F.avg_pool1d,
     2: F.avg_pool2d,
@@ -268,7 +269,7 @@ def _normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     against 0.23 ms; BENCHMARKS.md), far more than the two copies cost.
     """
     if (
-        isinstance(norm, tuple(_NORM.values()))
+        isinstance(norm, _BATCH_NORMS)
         and x.device.type == "cpu"
         and x.shape[1] < 16
         and layout.channels_last(x)
