@@ -69,6 +69,14 @@
 
 namespace {
 
+// Scratch memory on a cache-line boundary. malloc aligns to 16 bytes only, and glibc maps a
+// large block itself 16 bytes into a page: then every other 8-lane load of a row cache spans
+// two cache lines.
+inline void* scratch(size_t bytes) {
+  void* p = nullptr;
+  return posix_memalign(&p, 64, bytes) == 0 ? p : nullptr;
+}
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -352,8 +360,8 @@ class RowCache {
            int64_t cg, int64_t col0, int64_t width, int64_t nd, int64_t nh)
       : src_(src), st_(st), G_(G), D_(D), H_(H), W_(W), cg_(cg), col0_(col0), width_(width),
         nd_(nd), nh_(nh), slots_(G * nd * nh) {
-    data_ = (S*)malloc(sizeof(S) * (slots_ + 1) * width * cg);
-    tag_ = (int64_t*)malloc(sizeof(int64_t) * nd * nh);
+    data_ = (S*)scratch(sizeof(S) * (slots_ + 1) * width * cg);
+    tag_ = (int64_t*)scratch(sizeof(int64_t) * nd * nh);
     if (!ok()) return;
     memset(zeros(), 0, sizeof(S) * width * cg);
     for (int64_t i = 0; i < nd * nh; ++i) tag_[i] = -1;
@@ -537,8 +545,8 @@ class GeneratedKernel {
     GT_ = p.groups * taps;
     group = taps;
     pixel = GT_;
-    wt_ = (S*)malloc(sizeof(S) * (R_ * GT_ + GT_ + OW_ * R_ + nd * nh * OW_ * GT_));
-    tag_ = (int64_t*)malloc(sizeof(int64_t) * nd * nh);
+    wt_ = (S*)scratch(sizeof(S) * (R_ * GT_ + GT_ + OW_ * R_ + nd * nh * OW_ * GT_));
+    tag_ = (int64_t*)scratch(sizeof(int64_t) * nd * nh);
     if (!ok()) return;
     bias_ = wt_ + R_ * GT_;
     fbuf_ = bias_ + GT_;
@@ -772,12 +780,12 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
   const int64_t* os = p.out_stride;
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
   const int64_t nrows = g.KD * g.KH;
-  const S** rows = (const S**)malloc(sizeof(S*) * nrows);
+  const S** rows = (const S**)scratch(sizeof(S*) * nrows);
   // A result whose pixels are adjacent and channels apart (NCHW) is computed into a row of
   // pixels (channels innermost), then copied across 8 channels by 8 pixels: written in place,
   // each vector of channels went out as 8 single values.
   const bool by_row = channels_apart(os);
-  T* row_buf = by_row ? (T*)malloc(sizeof(T) * g.OW * g.cg) : nullptr;
+  T* row_buf = by_row ? (T*)scratch(sizeof(T) * g.OW * g.cg) : nullptr;
   if (!cache.ok() || !kernel.ok() || !rows || (by_row && !row_buf)) {
     free(rows);
     free(row_buf);
@@ -993,13 +1001,14 @@ __attribute__((noinline)) int grad_kernel_rows(const Problem& p, int64_t row_beg
   const T* go = (const T*)p.b;
   const int64_t *gs = p.b_stride, *os = p.out_stride;
   auto cache = input_cache<S, COLUMNS>((const T*)p.a, p.a_stride, g);
-  const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
-  S* buf = (S*)calloc(unit_values(g), sizeof(S));
+  const S** rows = (const S**)scratch(sizeof(S*) * unit_rows(g));
+  S* buf = (S*)scratch(sizeof(S) * unit_values(g));
   if (!cache.ok() || !rows || !buf) {
     free(rows);
     free(buf);
     return -1;
   }
+  memset(buf, 0, sizeof(S) * unit_values(g));
   for_each_unit(row_begin, row_end, g.G, [&](int64_t row, int64_t gi) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
     T* o_row = (T*)p.out + b * os[0] + od * os[3] + oh * os[4] + gi * os[1];
@@ -1143,13 +1152,13 @@ int grad_input(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_
                        reaching_rows(g.KD, g.DD, g.SD),
                        reaching_rows(g.KH, g.DH, g.SH, kInputBlock));
   const int64_t max_rows = g.KD * g.KH;
-  S* kbuf = (S*)malloc(sizeof(S) * max_rows * width * g.KW);
-  const S** grows = (const S**)malloc(sizeof(S*) * max_rows);
-  int64_t* table = (int64_t*)malloc(sizeof(int64_t) * 2 * (g.KD + g.KH));
-  Reach* reach = (Reach*)malloc(sizeof(Reach) * g.SW);
+  S* kbuf = (S*)scratch(sizeof(S) * max_rows * width * g.KW);
+  const S** grows = (const S**)scratch(sizeof(S*) * max_rows);
+  int64_t* table = (int64_t*)scratch(sizeof(int64_t) * 2 * (g.KD + g.KH));
+  Reach* reach = (Reach*)scratch(sizeof(Reach) * g.SW);
   // An NCHW result goes through a row of pixels, as in forward.
   const bool by_row = channels_apart(os);
-  T* row_buf = by_row ? (T*)malloc(sizeof(T) * g.IW * g.cg) : nullptr;
+  T* row_buf = by_row ? (T*)scratch(sizeof(T) * g.IW * g.cg) : nullptr;
   if (!cache.ok() || !kernel.ok() || !kbuf || !grows || !table || !reach || (by_row && !row_buf)) {
     free(kbuf);
     free(grows);
@@ -1258,8 +1267,8 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   const int64_t *gs = p.b_stride, *fs = f.features_stride, *ds = f.grad_features_stride;
   const int64_t R = f.hidden, taps = g.KD * g.KH * g.KW, GT = g.G * taps;
   RowCache<S, T> cache = input_cache<S>((const T*)p.a, p.a_stride, g);
-  const S** rows = (const S**)malloc(sizeof(S*) * unit_rows(g));
-  S* buf = (S*)malloc(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
+  const S** rows = (const S**)scratch(sizeof(S*) * unit_rows(g));
+  S* buf = (S*)scratch(sizeof(S) * (g.cg + GT * R + g.OW * (2 * GT + R)));
   // grad_out with its channels apart (NCHW) is copied a row at a time, all groups, pixel-major
   // (pack_pixels, through 8x8 blocks), and the units read that row as a channels-last one
   // (row_strides): read in place, a pixel's channels lie a plane apart (0.8x the time of the
@@ -1267,7 +1276,7 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
   const int64_t C = g.G * g.cg;
   const bool copy_rows = channels_apart(gs);
   const int64_t row_strides[6] = {0, 1, 0, 0, C, 0};
-  S* g_rows = copy_rows ? (S*)malloc(sizeof(S) * g.OW * C) : nullptr;
+  S* g_rows = copy_rows ? (S*)scratch(sizeof(S) * g.OW * C) : nullptr;
   if (!cache.ok() || !rows || !buf || (copy_rows && !g_rows)) {
     free(rows);
     free(buf);
