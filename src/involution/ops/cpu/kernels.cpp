@@ -529,7 +529,9 @@ struct StoredKernel {
 // kernel[j] = bias[j] + sum_r weight[j, r] * features[r], j = gi * T + t. A row is computed on
 // first use into a ring of nd * nh slots (as in RowCache: the rows that one row of results reads
 // never evict each other), pixel-major (OW, G * T), in the accumulation type; the kernel is never
-// rounded to the storage type nor written to memory beyond this per-thread buffer.
+// rounded to the storage type nor written to memory beyond this per-thread buffer. A pixel's
+// G * T values are padded to a multiple of 8 (the weight's extra columns are zero): each pixel
+// then starts on a vector, and the product computes whole vectors only.
 template <class S, class T>
 class GeneratedKernel {
  public:
@@ -539,51 +541,51 @@ class GeneratedKernel {
   GeneratedKernel(const Problem& p, const Fused& f, int64_t nd, int64_t nh)
       : group(0), tap(1), pixel(0), feat_((const T*)f.features), fs_(f.features_stride),
         R_(f.hidden), OD_(p.out_size[0]), OH_(p.out_size[1]), OW_(p.out_size[2]), nd_(nd),
-        nh_(nh), GT_(0), wt_(nullptr), bias_(nullptr), fbuf_(nullptr), data_(nullptr),
-        tag_(nullptr) {
+        nh_(nh), data_(nullptr), wt_(nullptr), bias_(nullptr), fbuf_(nullptr), tag_(nullptr) {
     const int64_t taps = p.kernel_size[0] * p.kernel_size[1] * p.kernel_size[2];
-    GT_ = p.groups * taps;
+    const int64_t GT = p.groups * taps;
     group = taps;
-    pixel = GT_;
-    wt_ = (S*)scratch(sizeof(S) * (R_ * GT_ + GT_ + OW_ * R_ + nd * nh * OW_ * GT_));
+    pixel = (GT + 7) / 8 * 8;
+    data_ = (S*)scratch(sizeof(S) * ((nd * nh * OW_ + R_ + 1) * pixel + OW_ * R_));
     tag_ = (int64_t*)scratch(sizeof(int64_t) * nd * nh);
     if (!ok()) return;
-    bias_ = wt_ + R_ * GT_;
-    fbuf_ = bias_ + GT_;
-    data_ = fbuf_ + OW_ * R_;
+    wt_ = data_ + nd * nh * OW_ * pixel;
+    bias_ = wt_ + R_ * pixel;
+    fbuf_ = bias_ + pixel;
     const T* w = (const T*)f.weight;
     const T* bias = (const T*)f.bias;
-    for (int64_t j = 0; j < GT_; ++j) {
+    for (int64_t j = 0; j < pixel; ++j) {
       for (int64_t r = 0; r < R_; ++r)
-        wt_[r * GT_ + j] = widen(w[j * f.weight_stride[0] + r * f.weight_stride[1]]);
-      bias_[j] = bias ? widen(bias[j]) : S(0);
+        wt_[r * pixel + j] =
+            j < GT ? widen(w[j * f.weight_stride[0] + r * f.weight_stride[1]]) : S(0);
+      bias_[j] = j < GT && bias ? widen(bias[j]) : S(0);
     }
     for (int64_t i = 0; i < nd * nh; ++i) tag_[i] = -1;
   }
   GeneratedKernel(const GeneratedKernel&) = delete;
   GeneratedKernel& operator=(const GeneratedKernel&) = delete;
   ~GeneratedKernel() {
-    free(wt_);
+    free(data_);
     free(tag_);
   }
   static constexpr bool stored = false;  // rows computed on first use
-  bool ok() const { return wt_ && tag_; }
+  bool ok() const { return data_ && tag_; }
 
   const S* row(int64_t b, int64_t d, int64_t h) {
     const int64_t slot = (d % nd_) * nh_ + h % nh_, key = (b * OD_ + d) * OH_ + h;
-    S* dst = data_ + slot * OW_ * GT_;
+    S* dst = data_ + slot * OW_ * pixel;
     if (tag_[slot] == key) return dst;
     tag_[slot] = key;
     pack_pixels(feat_ + b * fs_[0] + d * fs_[2] + h * fs_[3], fs_[4], fs_[1], OW_, R_, fbuf_);
-    product(OW_, fbuf_, R_, 1, wt_, GT_, R_, bias_, 0, dst, GT_, 1);
+    product(OW_, fbuf_, R_, 1, wt_, pixel, R_, bias_, 0, dst, pixel, 1);
     return dst;
   }
 
  private:
   const T* feat_;
   const int64_t* fs_;
-  int64_t R_, OD_, OH_, OW_, nd_, nh_, GT_;
-  S *wt_, *bias_, *fbuf_, *data_;
+  int64_t R_, OD_, OH_, OW_, nd_, nh_;
+  S *data_, *wt_, *bias_, *fbuf_;
   int64_t* tag_;
 };
 
