@@ -71,7 +71,7 @@ namespace {
 
 // Scratch memory on a cache-line boundary. malloc aligns to 16 bytes only, and glibc maps a
 // large block itself 16 bytes into a page: then every other 8-lane load of a row cache spans
-// two cache lines.
+// two cache lines, and grad_kernel at 8x256x56x56 took 1.7x its time (BENCHMARKS.md).
 inline void* scratch(size_t bytes) {
   void* p = nullptr;
   return posix_memalign(&p, 64, bytes) == 0 ? p : nullptr;
