@@ -69,12 +69,15 @@
 
 namespace {
 
+// Bytes in a cache line (x86-64; the size the prefetch hints step by).
+constexpr int64_t kLine = 64;
+
 // Scratch memory on a cache-line boundary. malloc aligns to 16 bytes only, and glibc maps a
 // large block itself 16 bytes into a page: then every other 8-lane load of a row cache spans
 // two cache lines, and grad_kernel at 8x256x56x56 took 1.7x its time (BENCHMARKS.md).
 inline void* scratch(size_t bytes) {
   void* p = nullptr;
-  return posix_memalign(&p, 64, bytes) == 0 ? p : nullptr;
+  return posix_memalign(&p, kLine, bytes) == 0 ? p : nullptr;
 }
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -693,7 +696,7 @@ __attribute__((always_inline)) inline void prefetch(const T* p, int64_t ni, int6
   for (int64_t i = 0; i < ni; ++i)
     for (int64_t j = 0; j < runs; ++j) {
       const uintptr_t first = (uintptr_t)(p + i * si + j * sj);
-      for (uintptr_t line = first & ~(uintptr_t)63; line < first + bytes; line += 64)
+      for (uintptr_t line = first & ~(uintptr_t)(kLine - 1); line < first + bytes; line += kLine)
         __builtin_prefetch((const void*)line, WRITE, 2);
     }
 }
@@ -796,8 +799,8 @@ int forward(const Problem& p, Kernel& kernel, int64_t row_begin, int64_t row_end
   const int64_t xp = g.SW * g.cg, xw = g.DW * g.cg, taps = nrows * g.KW;
   const int64_t kt = kernel.tap, kp = kernel.pixel;
   // Pixels per hint: a block, or where pixels are contiguous (NCHW), a cache line of them.
-  constexpr int64_t k_line = 64 / sizeof(K) > P ? 64 / sizeof(K) : P;
-  constexpr int64_t o_line = 64 / sizeof(T) > P ? 64 / sizeof(T) : P;
+  constexpr int64_t k_line = kLine / sizeof(K) > P ? kLine / sizeof(K) : P;
+  constexpr int64_t o_line = kLine / sizeof(T) > P ? kLine / sizeof(T) : P;
   const int64_t k_run = kp == 1 ? k_line : P, o_run = os[4] == 1 ? o_line : P;
   // The unit's kernel values (when stored) and output, (b, od, oh) being row.
   auto kernel_of = [&](int64_t row, int64_t gi) {
@@ -907,7 +910,7 @@ inline int64_t unit_rows(const Geometry& g) {
 }
 
 // Room for grad_kernel_unit's values: one pixel's grad_out, or by columns the unit's grad_out
-// channel-major (zero past OW: allocate it zeroed).
+// channel-major (zero past OW: zeroed once, before the first unit).
 inline int64_t unit_values(const Geometry& g) { return g.cg * vector_columns(g); }
 
 // The kernel gradient of one unit at stride and dilation 1, by columns: 8 output pixels per
