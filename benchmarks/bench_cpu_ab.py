@@ -46,11 +46,12 @@ SOURCE = "src/involution/ops/cpu/kernels.cpp"
 
 
 def _library(source: bytes, folder: Path, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The kernels built from ``source`` with ``flags`` added (through the build's cache, like a
-    first use)."""
+    """The float32 kernels built from ``source`` with ``flags`` added (through the build's cache,
+    like a first use)."""
     path = folder / f"kernels-{len(list(folder.iterdir()))}.cpp"
     path.write_bytes(source)
-    return build._built(build._compiler(), (*build.FLAGS, *flags, *build.OPENMP), path)
+    flags = (*build.FLAGS, *flags, build.storage_flag("float32"), *build.OPENMP)
+    return build._built(build._compiler(), flags, path, "float32")
 
 
 def _baseline_source(baseline: str) -> bytes:
@@ -158,7 +159,7 @@ def main() -> None:
     with results.keep():
         for round_ in range(args.rounds + 1):  # round 0 warms up
             for side in sides if round_ % 2 == 0 else sides[::-1]:
-                build._loaded = libraries[side]  # the library every pass of launch.py calls
+                build._loaded["float32"] = libraries[side]  # what launch.py's passes call
                 for name, fn in tasks.items():
                     outputs[side, name] = fn()
                     seconds = _seconds(fn, repeats)

@@ -33,8 +33,8 @@ AUTO_ORDER = ("triton", "cpu", "torch")
 _AUTO_DEVICES = {"triton": ("cuda",), "cpu": ("cpu",)}
 # Dtypes the Triton kernels load; they accumulate in float32.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Dtypes the CPU kernels take; bfloat16 accumulates in float32.
-CPU_DTYPES = tuple(getattr(torch, name) for name in cpu_build.DTYPES)
+# Dtypes the CPU kernels take, and the names of their libraries; bfloat16 accumulates in float32.
+CPU_DTYPES = {getattr(torch, name): name for name in cpu_build.DTYPES}
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:
@@ -98,8 +98,8 @@ def can_run_triton(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool 
 def can_run_cpu(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = False) -> bool:
     """The CPU kernels run CPU tensors of ``CPU_DTYPES`` once they are built.
 
-    The first call builds (or loads from the cache) the kernels; a build that fails makes this
-    return False, with the compiler's reason.
+    The first call for a dtype builds (or loads from the cache) that dtype's kernels; a build that
+    fails makes this return False, with the compiler's reason.
     """
     if input.device.type != "cpu":
         return _refuse(f"cpu: input is on {input.device.type}", raise_error)
@@ -110,7 +110,7 @@ def can_run_cpu(input: torch.Tensor, kernel: torch.Tensor, raise_error: bool = F
             raise_error,
         )
     try:
-        cpu_build.library()
+        cpu_build.library(CPU_DTYPES[input.dtype])
     except cpu_build.BuildError as error:
         return _refuse(f"cpu: could not be built: {error}", raise_error)
     return True

@@ -2,18 +2,18 @@
 
 The kernels are built for the machine they run on (``-march=native``) by the system C++
 compiler (``$CXX``, default ``c++``). The source includes no torch header and needs no C++
-runtime, so a build does not depend on how torch was built. It is compiled once per storage type
-(float32, float64, bfloat16), the three side by side, one per core, and linked into one library:
-12 to 14 s on two cores, where one compilation of all three took 17 to 25 s (BENCHMARKS.md).
-The shared library is cached in ``$XDG_CACHE_HOME/involution`` (default
+runtime, so a build does not depend on how torch was built. It is compiled into one library per
+storage type (float32, float64, bfloat16), on the first use of that type: a float32 model waits
+for the float32 compilation alone, about half of the time that the three took side by side on
+two cores (BENCHMARKS.md). Each library is cached in ``$XDG_CACHE_HOME/involution`` (default
 ``~/.cache/involution``) under a name that hashes the source, the flags, the compiler's name and
 the CPU: a new source, compiler or machine gets its own build, and later processes load the
 cached file in milliseconds (without needing the compiler).
 
 Why not a torch C++ extension: compiling against torch's headers takes about a minute on two
 cores and needs ninja, and torch as a build requirement would make pip's isolated build fetch a
-second (CUDA) torch. Inductor-generated kernels were not measured against these (BENCHMARKS.md,
-CPU section says so).
+second (CUDA) torch. Kernels that inductor generated from one expression per pass were 3x
+slower, and took 31-54 s to compile (BENCHMARKS.md).
 
 Threads come from OpenMP (``-fopenmp``). Where torch's runtime is ``libgomp.so.1`` (the x86-64
 Linux wheels), the library, linked by that soname, shares it, so its parallel regions run on
@@ -21,8 +21,8 @@ torch's own threads. A compiler that fails with ``-fopenmp`` builds without it (
 another name), and the kernels then run on one thread; each process that loads them says so in
 one warning.
 
-When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; the
-first failure is logged as one warning, and dispatch falls back to the portable backend.
+When the compiler is missing or fails, :func:`library` raises :class:`BuildError` saying why; a
+process logs its first failure as one warning, and dispatch falls back to the portable backend.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -68,9 +69,14 @@ ENTRY_POINTS = (
     "involution_fused_grad_input",
     "involution_fused_grad_features",
 )
-# The storage types, one compilation each (kernels.cpp's INVOLUTION_DTYPE codes, in order): an
-# entry point of the library is named by symbol().
+# The storage types, one library each (kernels.cpp's INVOLUTION_DTYPE codes, in order): an
+# entry point of a library is named by symbol().
 DTYPES = ("float32", "float64", "bfloat16")
+
+
+def storage_flag(type_name: str) -> str:
+    """The compiler flag that builds the library of storage type ``type_name`` (of DTYPES)."""
+    return f"-DINVOLUTION_DTYPE={DTYPES.index(type_name)}"
 
 
 def symbol(entry: str, type_name: str) -> str:
@@ -134,107 +140,86 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, target: Path) -> None:
-    """Builds ``target`` through a temporary file and an atomic rename: one object per storage
-    type, compiled side by side (one compiler per core, bfloat16's, the longest, first), then
-    linked. On two cores that takes about half the time of one compilation of all three."""
+    """Builds ``target`` through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=target.stem + ".", dir=target.parent)
     os.close(fd)
-    deadline = time.monotonic() + _BUILD_TIMEOUT_S
     try:
-        with tempfile.TemporaryDirectory(prefix=target.stem + ".", dir=target.parent) as objects:
-            objs = [os.path.join(objects, f"{name}.o") for name in DTYPES]
-            compiles = [
-                [*compiler, *flags, f"-DINVOLUTION_DTYPE={code}", "-c", str(source), "-o", obj]
-                for code, obj in enumerate(objs)
-            ]
-            _run_all(compiles[::-1], objects, deadline, compiler[0])
-            _run_all(
-                [[*compiler, *flags, "-shared", *objs, "-o", tmp]], objects, deadline, compiler[0]
-            )
+        _run([*compiler, *flags, "-shared", str(source), "-o", tmp], _BUILD_TIMEOUT_S)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def _run(command: list[str], timeout_s: float) -> None:
+    """Runs ``command``. Raises BuildError when it fails (with its first error line), or when it
+    has not finished in ``timeout_s``: then it is stopped, with the processes it started (the
+    compiler driver's own)."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise _BuildTimeout(f"{command[0]} took longer than {timeout_s} s") from None
+        finally:
+            if process.returncode is None:
+                if hasattr(os, "killpg"):  # POSIX: the session started for it
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
+                process.wait()
+        if process.returncode != 0:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines() or ["no output"]
+            first_error = next((line for line in lines if "error" in line), lines[0])
+            raise BuildError(
+                f"{shlex.join(command)} exited with {process.returncode}: {first_error}"
+            )
 
 
-def _run_all(commands: list[list[str]], logs: str, deadline: float, name: str) -> None:
-    """Runs ``commands`` side by side, at most one per core, their output to files in ``logs``.
-    Raises BuildError for the first that fails (with its first error line), or when they have
-    not all finished by ``deadline``; the others are then stopped."""
-    cores = _cores()
-    pending = list(enumerate(commands))
-    running: dict[int, subprocess.Popen[bytes]] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < cores:
-                i, command = pending.pop(0)
-                with open(os.path.join(logs, f"{i}.log"), "wb") as log:
-                    running[i] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            for i, process in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[i]
-                if process.returncode != 0:
-                    with open(
-                        os.path.join(logs, f"{i}.log"), encoding="utf-8", errors="replace"
-                    ) as log:
-                        lines = log.read().strip().splitlines() or ["no output"]
-                    first_error = next((line for line in lines if "error" in line), lines[0])
-                    raise BuildError(
-                        f"{shlex.join(commands[i])} exited with {process.returncode}: {first_error}"
-                    )
-            if time.monotonic() > deadline:
-                raise _BuildTimeout(f"{name} took longer than {_BUILD_TIMEOUT_S} s")
-            time.sleep(0.02)
-    finally:
-        for process in running.values():
-            process.kill()
-            process.wait()
-
-
-def _load(path: Path) -> ctypes.CDLL:
+def _load(path: Path, type_name: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name in ENTRY_POINTS:
-        for dtype in DTYPES:
-            fn = getattr(lib, symbol(name, dtype))
-            # (problem, fused operands or null, rows, rows per unit, threads)
-            fn.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int,
-            ]
-            fn.restype = ctypes.c_int
+        fn = getattr(lib, symbol(name, type_name))
+        # (problem, fused operands or null, rows, rows per unit, threads)
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int,
+        ]
+        fn.restype = ctypes.c_int
     return lib
 
 
-def _build_and_load() -> ctypes.CDLL:
+def _build_and_load(type_name: str) -> ctypes.CDLL:
+    global _warned_no_openmp
     compiler = _compiler()
+    flags = (*FLAGS, storage_flag(type_name))
     with resources.as_file(resources.files(__package__) / SOURCE) as source:
         try:
-            return _built(compiler, (*FLAGS, *OPENMP), source)
+            return _built(compiler, (*flags, *OPENMP), source, type_name)
         except BuildError as error:
             if isinstance(error, _BuildTimeout):
                 raise
-            library = _built(compiler, FLAGS, source)
-            logger.warning(
-                "involution: CPU kernels built without OpenMP, so they run on one thread: %s",
-                error,
-            )
+            library = _built(compiler, flags, source, type_name)
+            if not _warned_no_openmp:
+                _warned_no_openmp = True
+                logger.warning(
+                    "involution: CPU kernels built without OpenMP, so they run on one thread: %s",
+                    error,
+                )
             return library
 
 
-def _built(compiler: list[str], flags: tuple[str, ...], source: Path) -> ctypes.CDLL:
-    """The library built from ``source`` with ``flags``: from the cache, or compiled now."""
+def _built(
+    compiler: list[str], flags: tuple[str, ...], source: Path, type_name: str
+) -> ctypes.CDLL:
+    """The ``type_name`` library built from ``source`` with ``flags``: from the cache, or compiled
+    now."""
     target = _target(source.read_bytes(), compiler, flags)
     if not target.exists():
         if not compiler or shutil.which(compiler[0]) is None:
@@ -247,43 +232,55 @@ def _built(compiler: list[str], flags: tuple[str, ...], source: Path) -> ctypes.
                     start = time.perf_counter()
                     _compile(compiler, flags, source, target)
                     logger.info(
-                        "involution: built the CPU kernels in %.1f s: %s",
+                        "involution: built the %s CPU kernels in %.1f s: %s",
+                        type_name,
                         time.perf_counter() - start,
                         target,
                     )
         except OSError as error:
             raise BuildError(f"cannot build in {target.parent}: {error}") from error
     try:
-        return _load(target)
+        return _load(target, type_name)
     except (OSError, AttributeError) as error:
         raise BuildError(f"cannot load {target}: {error}") from error
 
 
-_loaded: ctypes.CDLL | BuildError | None = None
+# Each storage type's library, or why it could not be built, once its first use has asked.
+_loaded: dict[str, ctypes.CDLL | BuildError] = {}
 _lock = threading.Lock()
+# Whether this process has said that the kernels are unavailable, or that they run on one thread.
+_warned_unavailable = False
+_warned_no_openmp = False
 
 
-def library() -> ctypes.CDLL:
-    """The loaded kernels; the first call builds them, or loads them from the cache.
+def library(type_name: str) -> ctypes.CDLL:
+    """The loaded kernels of storage type ``type_name`` (one of DTYPES); the first call for a
+    type builds them, or loads them from the cache.
 
-    The outcome is kept for the process: a failure is logged once and raised again on later
-    calls without another attempt.
+    The outcome is kept for the process: a failure is raised again on later calls without
+    another attempt. The process's first failure is logged as one warning.
 
     Raises:
+        ValueError: ``type_name`` is not one of DTYPES.
         BuildError: no compiler, a failed compilation, or a library that does not load.
     """
-    global _loaded
-    if _loaded is None:
+    global _warned_unavailable
+    if type_name not in DTYPES:
+        raise ValueError(f"type_name ({type_name!r}) must be one of {', '.join(DTYPES)}")
+    if type_name not in _loaded:
         with _lock:
-            if _loaded is None:
+            if type_name not in _loaded:
                 try:
-                    _loaded = _build_and_load()
+                    _loaded[type_name] = _build_and_load(type_name)
                 except BuildError as error:
-                    logger.warning(
-                        "involution: CPU kernels unavailable, using the portable backend: %s",
-                        error,
-                    )
-                    _loaded = error
-    if isinstance(_loaded, BuildError):
-        raise _loaded
-    return _loaded
+                    if not _warned_unavailable:
+                        _warned_unavailable = True
+                        logger.warning(
+                            "involution: CPU kernels unavailable, using the portable backend: %s",
+                            error,
+                        )
+                    _loaded[type_name] = error
+    loaded = _loaded[type_name]
+    if isinstance(loaded, BuildError):
+        raise loaded
+    return loaded

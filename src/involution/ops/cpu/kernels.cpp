@@ -11,7 +11,7 @@
 //
 // One storage type per compilation: INVOLUTION_DTYPE is 0 (float32), 1 (float64) or 2
 // (bfloat16), and the entry points carry the type's name (involution_forward_float32, ...).
-// build.py compiles the three at once, one compiler per core, and links them into one library.
+// build.py builds one library per type, on the first use of that type.
 //
 // Shapes. Geometry is 3D; 1D and 2D problems arrive with leading spatial sizes of 1. Tensors
 // come as a base pointer and element strides, in any layout:

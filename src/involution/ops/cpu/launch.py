@@ -32,13 +32,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import layout
+from ..dispatch import CPU_DTYPES
 from . import results
-from .build import DTYPES as _TYPE_NAMES
 from .build import library, symbol
-
-# Storage dtypes the kernels take, to the suffix of their entry points; bfloat16 accumulates in
-# float32.
-DTYPES = {getattr(torch, name): name for name in _TYPE_NAMES}
 
 # Multiply-adds below which a call stays on one thread: waking the pool costs microseconds.
 _MIN_MACS_PER_THREAD = 1 << 18
@@ -132,7 +128,8 @@ def _run(
 ) -> None:
     """Calls kernel ``entry`` for ``dtype`` on ``rows`` result rows, split among threads in whole
     ``unit``s."""
-    fn = getattr(library(), symbol(entry, DTYPES[dtype]))
+    type_name = CPU_DTYPES[dtype]
+    fn = getattr(library(type_name), symbol(entry, type_name))
     units = -(-rows // unit)
     threads = max(1, min(torch.get_num_threads(), units, macs // _MIN_MACS_PER_THREAD))
     address = problem.buffer_info()[0]
