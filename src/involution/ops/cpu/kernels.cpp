@@ -1295,14 +1295,16 @@ int fused_grad_features(const Problem& p, const Fused& f, int64_t row_begin, int
       w[j * R + r] = widen(wsrc[j * f.weight_stride[0] + r * f.weight_stride[1]]);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t oh = row % g.OH, od = row / g.OH % g.OD, b = row / g.OH / g.OD;
+    // The row's units, from grad_out src with strides st (the tensor, or the copied row).
+    auto units = [&](const auto* src, const int64_t* st) {
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        grad_kernel_unit(cache, g, src, st, row, gi, row_end, rows, gl, dk + gi * taps, 1, GT);
+    };
     if (copy_rows) {
       pack_pixels(go + b * gs[0] + od * gs[2] + oh * gs[3], gs[4], gs[1], g.OW, C, g_rows);
-      for (int64_t gi = 0; gi < g.G; ++gi)
-        grad_kernel_unit(cache, g, (const S*)g_rows, row_strides, row, gi, row_end, rows, gl,
-                         dk + gi * taps, 1, GT);
+      units((const S*)g_rows, row_strides);
     } else {
-      for (int64_t gi = 0; gi < g.G; ++gi)
-        grad_kernel_unit(cache, g, go, gs, row, gi, row_end, rows, gl, dk + gi * taps, 1, GT);
+      units(go, gs);
     }
     pack_pixels(feat + b * fs[0] + od * fs[2] + oh * fs[3], fs[4], fs[1], g.OW, R, fbuf);
     T* df = (T*)f.grad_features + b * ds[0] + od * ds[2] + oh * ds[3];
